@@ -1,0 +1,24 @@
+"""librdkafka client settings shared by the producer, consumer, DLQ producer and admin client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from logpipe.config import KafkaConfig, read_secret
+
+
+def client_config(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": cfg.bootstrap_servers,
+        "client.id": client_id,
+        "security.protocol": cfg.security_protocol.lower(),
+    }
+    if cfg.security_protocol.startswith("SASL"):
+        conf["sasl.mechanism"] = cfg.sasl_mechanism
+        conf["sasl.username"] = cfg.sasl_username
+        if cfg.sasl_password_file:
+            conf["sasl.password"] = read_secret(cfg.sasl_password_file, "kafka.sasl_password_file")
+    if cfg.ssl_ca_location:
+        conf["ssl.ca.location"] = cfg.ssl_ca_location
+    conf.update(cfg.client_overrides)
+    return conf

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Make sure a Docker engine answers: install Debian's docker.io if dockerd is missing and start it
+# in the background when it is not running (these machines have no init system managing it).
+set -euo pipefail
+if docker info >/dev/null 2>&1; then exit 0; fi
+if ! command -v dockerd >/dev/null; then
+  echo "ensure-docker: installing docker.io" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq docker.io >/dev/null
+fi
+if ! pgrep -x dockerd >/dev/null; then
+  echo "ensure-docker: starting dockerd" >&2
+  mkdir -p /var/log
+  nohup dockerd >/var/log/dockerd.log 2>&1 &
+fi
+for _ in $(seq 1 60); do
+  docker info >/dev/null 2>&1 && exit 0
+  sleep 1
+done
+echo "ensure-docker: dockerd did not answer within 60 s; see /var/log/dockerd.log" >&2
+exit 1
