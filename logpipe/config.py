@@ -42,7 +42,8 @@ class KafkaConfig:
     sasl_username: str = ""
     sasl_password_file: str = ""
     ssl_ca_location: str = ""
-    # Extra librdkafka properties for sites that need more (e.g. {"socket.keepalive.enable"="true"}).
+    # Extra librdkafka properties for sites that need more
+    # (e.g. {"socket.keepalive.enable"="true"}).
     client_overrides: dict[str, str] = field(default_factory=dict)
 
 
@@ -238,7 +239,8 @@ def _build_section(section: str, data: Mapping[str, Any], from_env: frozenset[st
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(hints))
     if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}: unknown key (known: {', '.join(sorted(hints))})")
+        known = ", ".join(sorted(hints))
+        raise ConfigError(f"{section}.{unknown[0]}: unknown key (known: {known})")
     values = {}
     for key, raw in data.items():
         value = _coerce(section, key, raw, hints[key], from_env=key in from_env)
