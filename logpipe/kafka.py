@@ -22,3 +22,20 @@ def client_config(cfg: KafkaConfig, client_id: str) -> dict[str, Any]:
         conf["ssl.ca.location"] = cfg.ssl_ca_location
     conf.update(cfg.client_overrides)
     return conf
+
+
+class RdKafkaLogger:
+    """Pass as ``logger=`` to a client: librdkafka's own lines become key=value events instead
+    of its ``%3|1795...|FAIL|...`` format on stderr.
+
+    confluent-kafka calls ``logger.log(level, "%s [%s] %s", facility, client_name, message)``.
+    """
+
+    def log(self, level: int, fmt: str, *args: object) -> None:
+        from logpipe import log  # local: keeps this module free of import cycles
+
+        if len(args) == 3:
+            facility, client, message = args
+            log.event("librdkafka", level, facility=facility, client=client, message=message)
+        else:
+            log.event("librdkafka", level, message=fmt % args if args else fmt)

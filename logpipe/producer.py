@@ -1,0 +1,166 @@
+"""``logpipe produce``: generate fake logs and send them to the Kafka topic.
+
+Two modes:
+
+* one-shot (the systemd timer): ``count`` messages as fast as the broker takes them;
+* load (benchmarks): ``rate`` messages/s, for ``duration`` seconds (or for ``count`` messages when
+  no duration is given). ``duration`` without ``rate`` sends as fast as possible for that long.
+
+The producer is idempotent with ``acks=all``: a broker-side retry can neither duplicate nor
+reorder messages within a partition. Key = ``log_id``, so the consumer can use the key as the
+Elasticsearch document id without parsing the value. Success means every message got a positive
+delivery report; anything failed or still queued after ``flush`` is counted and makes the command
+exit 1, so a timer run that lost logs is visible in ``systemctl --failed``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from logpipe import log
+from logpipe.config import Config
+from logpipe.generator import LogGenerator
+from logpipe.kafka import RdKafkaLogger, client_config
+
+# Messages generated per chunk in one-shot mode; bounds memory and keeps polling regular.
+_CHUNK = 1000
+# Delivery errors logged individually before only counting them (a dead broker fails thousands).
+_MAX_ERRORS_LOGGED = 5
+
+
+@dataclass(frozen=True)
+class ProduceResult:
+    produced: int  # handed to the client (accepted into its queue)
+    delivered: int  # acknowledged by the brokers (acks=all)
+    failed: int  # negative delivery report
+    elapsed_s: float
+
+    @property
+    def undelivered(self) -> int:
+        """Failed plus never reported (still queued when the flush timed out)."""
+        return self.produced - self.delivered
+
+    @property
+    def ok(self) -> bool:
+        return self.undelivered == 0
+
+    @property
+    def rate(self) -> float:
+        """Delivered messages per second."""
+        return self.delivered / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def producer_config(cfg: Config) -> dict[str, Any]:
+    """librdkafka settings for the log producer (site ``client_overrides`` still win)."""
+    conf = client_config(cfg.kafka, "logpipe-producer")
+    conf.update({
+        "enable.idempotence": True,
+        "acks": "all",
+        "compression.type": cfg.producer.compression,
+        "linger.ms": cfg.producer.linger_ms,
+        "batch.size": cfg.producer.batch_size_bytes,
+    })
+    conf.update(cfg.kafka.client_overrides)
+    return conf
+
+
+class _Delivery:
+    """Counts delivery reports (called from ``poll``/``flush`` in this thread)."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.failed = 0
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.delivered += 1
+            return
+        self.failed += 1
+        if self.failed <= _MAX_ERRORS_LOGGED:
+            log.error("delivery_failed", topic=msg.topic(), error=err.str(),
+                      code=err.name(), retriable=err.retriable())
+
+
+def _send(producer: Producer, topic: str, key: bytes, value: bytes, on_delivery: _Delivery,
+          ) -> None:
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            return
+        except BufferError:
+            # Local queue full: serve delivery reports until there is room again.
+            producer.poll(0.1)
+
+
+def produce(cfg: Config, count: int, rate: float = 0, duration: float = 0,
+            seed: int | None = None, stop: threading.Event | None = None) -> ProduceResult:
+    """Send logs to ``cfg.kafka.topic``; see the module docstring for the modes.
+
+    ``stop`` (set by a signal handler) ends generation early; what was produced is still
+    flushed and counted.
+    """
+    if count < 0 or rate < 0 or duration < 0:
+        raise ValueError("count, rate and duration must not be negative")
+    stop = stop or threading.Event()
+    generator = LogGenerator(seed)
+    topic = cfg.kafka.topic
+    producer = Producer(producer_config(cfg), logger=RdKafkaLogger())
+    delivery = _Delivery()
+    if rate > 0 and duration > 0:
+        target: int | None = int(rate * duration)
+    elif duration > 0:
+        target = None  # as fast as possible until the deadline
+    else:
+        target = count
+    chunk = _CHUNK if rate <= 0 else max(1, min(_CHUNK, int(rate / 50)))
+    log.event("produce_start", topic=topic, count=target if target is not None else "unbounded",
+              rate=rate, duration_s=duration, seed=seed if seed is not None else "none")
+
+    produced = 0
+    started = time.monotonic()
+    deadline = started + duration if duration > 0 else None
+    while not stop.is_set() and (target is None or produced < target):
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            break
+        if rate > 0:
+            # Token bucket: the schedule says how many should be out by now; wait for the next
+            # slot while serving delivery reports, so a slow start never causes a burst later
+            # larger than one chunk.
+            due = int((now - started) * rate) + 1
+            if produced >= due:
+                wait = produced / rate - (now - started)
+                producer.poll(min(max(wait, 0.0), 0.05))
+                continue
+            n = min(chunk, due - produced)
+        else:
+            n = chunk
+        if target is not None:
+            n = min(n, target - produced)
+        for key, value in generator.messages(n):
+            _send(producer, topic, key, value, delivery)
+        produced += n
+        producer.poll(0)
+
+    remaining = producer.flush(cfg.producer.flush_timeout_s)
+    elapsed = time.monotonic() - started
+    result = ProduceResult(produced=produced, delivered=delivery.delivered,
+                           failed=delivery.failed, elapsed_s=elapsed)
+    log.event("produce_done", produced=produced, delivered=result.delivered,
+              failed=result.failed, seconds=round(elapsed, 3), rate=round(result.rate, 1))
+    if not result.ok:
+        log.error("produce_incomplete", undelivered=result.undelivered, failed=result.failed,
+                  still_queued=remaining, flush_timeout_s=cfg.producer.flush_timeout_s)
+    return result
+
+
+def run(cfg: Config, stop: threading.Event | None = None) -> int:
+    """CLI entry: ``cfg.producer`` carries count/rate/duration/seed; exit 0 or 1."""
+    p = cfg.producer
+    result = produce(cfg, p.count, rate=p.rate, duration=p.duration_s, seed=p.seed, stop=stop)
+    return 0 if result.ok else 1
