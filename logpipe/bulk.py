@@ -1,0 +1,272 @@
+"""Kafka message -> Elasticsearch bulk document, the ``_bulk`` body, and result classification.
+
+Pure functions, no I/O. The rules (see docs/DESIGN.md):
+
+* every document is sent with op type ``create`` and ``_id`` = message key, to the daily index of
+  its own event ``timestamp``;
+* a bulk item is matched to its document by ``_index`` + ``_id``, never by position;
+* 200/201 -> done, 409 -> already present (a replay), 429/5xx/missing -> retry, 400 document
+  errors -> dead-letter topic with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from logpipe.es import index_name
+
+# Elasticsearch refuses the whole bulk request (not just the item) for an _id over 512 bytes.
+MAX_ID_BYTES = 512
+MAX_ERROR_CHARS = 1000
+
+# Shape of the generator's timestamps; the date part names the daily index, so anything else
+# (a local-time offset, a date-only value) would put the document in the wrong index.
+_TIMESTAMP = re.compile(
+    rb"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|\+00:00)")
+_TIMESTAMP_STR = re.compile(_TIMESTAMP.pattern.decode())
+
+# Item error types that are about the cluster, not the document: retry them whatever the status.
+RETRIABLE_ERROR_TYPES = frozenset({
+    "es_rejected_execution_exception",
+    "circuit_breaking_exception",
+    "cluster_block_exception",
+    "unavailable_shards_exception",
+    "no_shard_available_action_exception",
+    "node_not_connected_exception",
+    "node_closed_exception",
+    "primary_missing_action_exception",
+    "process_cluster_event_timeout_exception",
+    "receive_timeout_transport_exception",
+    "timeout_exception",
+    "index_closed_exception",
+})
+_MAPPING_ERROR_TYPES = frozenset({
+    "mapper_parsing_exception",
+    "document_parsing_exception",
+    "strict_dynamic_mapping_exception",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Doc:
+    """One bulk ``create``: target index, document id and the JSON source (one line)."""
+
+    index: str
+    doc_id: str
+    source: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message that cannot be indexed and goes to the dead-letter topic."""
+
+    reason: str
+    error: str
+
+
+@dataclass(slots=True)
+class BulkOutcome:
+    """Positions (in the request's document list) grouped by what happens next."""
+
+    created: list[int] = field(default_factory=list)
+    already_present: list[int] = field(default_factory=list)
+    retry: list[int] = field(default_factory=list)
+    # position -> (reason code, error text)
+    rejected: dict[int, Rejected] = field(default_factory=dict)
+    # One retry reason for the log line (the first seen).
+    retry_reason: str = ""
+
+
+def now_iso() -> str:
+    """UTC now in the generator's format: ``2026-11-24T10:00:00.123Z``."""
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def valid_timestamp(value: object) -> bool:
+    """True for a UTC ISO-8601 timestamp that names a real day (e.g. not 2026-02-30)."""
+    if not isinstance(value, str) or _TIMESTAMP_STR.fullmatch(value) is None:
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def make_doc(value: bytes | None, key: bytes | None, *, index_prefix: str, indexed_at: str,
+             max_bytes: int) -> Doc | Rejected:
+    """Validate one message value and turn it into a bulk document (or say why not).
+
+    When the raw value is a single-line JSON object without an ``indexed_at`` field, the field
+    is spliced into the bytes instead of re-encoding the whole object.
+    """
+    if value is None:
+        return Rejected("not_json", "message has no value")
+    if len(value) > max_bytes:
+        return Rejected("oversized", f"value is {len(value)} bytes, limit {max_bytes}")
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        return Rejected("not_json", str(exc)[:MAX_ERROR_CHARS])
+    if not isinstance(obj, dict):
+        return Rejected("not_object", f"value is a JSON {type(obj).__name__}, not an object")
+    timestamp = obj.get("timestamp")
+    if not valid_timestamp(timestamp):
+        return Rejected("bad_timestamp",
+                        f"timestamp {str(timestamp)[:100]!r} is not UTC ISO-8601")
+    if key is not None:
+        try:
+            doc_id = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return Rejected("bad_key", "message key is not UTF-8")
+    else:
+        log_id = obj.get("log_id")
+        if not isinstance(log_id, str):
+            return Rejected("no_id", "message has no key and no log_id")
+        doc_id = log_id
+    if not doc_id or len(doc_id.encode("utf-8")) > MAX_ID_BYTES:
+        return Rejected("bad_id", f"document id must be 1..{MAX_ID_BYTES} bytes")
+    assert isinstance(timestamp, str)
+    if "indexed_at" in obj or b"\n" in value:
+        obj["indexed_at"] = indexed_at
+        source = orjson.dumps(obj)
+    else:
+        end = value.rindex(b"}")
+        source = value[:end] + b',"indexed_at":"' + indexed_at.encode() + b'"}'
+    return Doc(index_name(index_prefix, timestamp), doc_id, source)
+
+
+def build_body(docs: Sequence[Doc]) -> bytes:
+    """The NDJSON ``_bulk`` body: a ``create`` action line and a source line per document."""
+    action_prefix: dict[str, bytes] = {}
+    parts: list[bytes] = []
+    append = parts.append
+    for doc in docs:
+        prefix = action_prefix.get(doc.index)
+        if prefix is None:
+            prefix = action_prefix[doc.index] = (
+                b'{"create":{"_index":' + orjson.dumps(doc.index) + b',"_id":')
+        append(prefix)
+        append(orjson.dumps(doc.doc_id))
+        append(b"}}\n")
+        append(doc.source)
+        append(b"\n")
+    return b"".join(parts)
+
+
+def error_text(error: object) -> str:
+    """``type: reason (caused by: ...)`` from an item's error object, truncated."""
+    if not isinstance(error, Mapping):
+        return str(error)[:MAX_ERROR_CHARS]
+    text = f"{error.get('type', 'unknown')}: {error.get('reason', '')}"
+    cause = error.get("caused_by")
+    if isinstance(cause, Mapping):
+        text += f" (caused by {cause.get('type', '')}: {cause.get('reason', '')})"
+    return text[:MAX_ERROR_CHARS]
+
+
+def classify_item(status: int, error: object) -> tuple[str, str]:
+    """One bulk item -> (``created`` | ``already_present`` | ``retry`` | ``reject``, reason).
+
+    The reason is a short code: the retry cause, or the dead-letter ``logpipe.reason``.
+    """
+    if 200 <= status < 300:
+        return "created", ""
+    err_type = str(error.get("type", "")) if isinstance(error, Mapping) else ""
+    if status == 409:
+        return "already_present", ""
+    if status == 429 or status >= 500 or err_type in RETRIABLE_ERROR_TYPES:
+        return "retry", err_type or f"http_{status}"
+    if status == 400:
+        if err_type in _MAPPING_ERROR_TYPES:
+            return "reject", "mapping_error"
+        if err_type == "illegal_argument_exception":
+            return "reject", "illegal_argument"
+        return "reject", "rejected"
+    # 401/403/404 and the like are about credentials or the cluster, not this document: keep
+    # retrying (the log shows why) rather than dead-letter the whole stream.
+    return "retry", err_type or f"http_{status}"
+
+
+def classify(response: Mapping[str, Any], docs: Sequence[Doc]) -> BulkOutcome:
+    """Match a ``_bulk`` response to the request's documents by ``_index`` + ``_id``.
+
+    Documents without a matching item are retried. Several documents with the same id (a
+    duplicate message in one batch) take the items for that id in order.
+    """
+    outcome = BulkOutcome()
+    items = response.get("items")
+    if not isinstance(items, list):
+        outcome.retry = list(range(len(docs)))
+        outcome.retry_reason = "no_items"
+        return outcome
+    if response.get("errors") is False and len(items) == len(docs):
+        # Fast path: every item succeeded, so which item is which does not matter.
+        outcome.created = list(range(len(docs)))
+        return outcome
+
+    by_key: dict[tuple[str, str], deque[int]] = defaultdict(deque)
+    by_id: dict[str, deque[int]] = defaultdict(deque)
+    for request_pos, doc in enumerate(docs):
+        by_key[(doc.index, doc.doc_id)].append(request_pos)
+        by_id[doc.doc_id].append(request_pos)
+    seen: set[int] = set()
+    for item in items:
+        if not isinstance(item, Mapping) or not item:
+            continue
+        result = next(iter(item.values()))
+        if not isinstance(result, Mapping):
+            continue
+        doc_id = result.get("_id")
+        index = result.get("_index")
+        if not isinstance(doc_id, str):
+            continue
+        pos: int | None = _take(by_key.get((str(index), doc_id)), seen)
+        if pos is None:
+            # The index in the answer can differ from the request (an alias or a reroute); the
+            # id alone still identifies the document.
+            pos = _take(by_id.get(doc_id), seen)
+        if pos is None:
+            continue
+        seen.add(pos)
+        status = result.get("status")
+        error = result.get("error")
+        verdict, reason = classify_item(status if isinstance(status, int) else 0, error)
+        if verdict == "created":
+            outcome.created.append(pos)
+        elif verdict == "already_present":
+            outcome.already_present.append(pos)
+        elif verdict == "retry":
+            outcome.retry.append(pos)
+            outcome.retry_reason = outcome.retry_reason or reason
+        else:
+            outcome.rejected[pos] = Rejected(reason, error_text(error))
+    missing = [pos for pos in range(len(docs)) if pos not in seen]
+    if missing:
+        outcome.retry.extend(missing)
+        outcome.retry.sort()
+        outcome.retry_reason = outcome.retry_reason or "missing_item"
+    return outcome
+
+
+def _take(queue: deque[int] | None, seen: set[int]) -> int | None:
+    while queue:
+        pos = queue.popleft()
+        if pos not in seen:
+            return pos
+    return None
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float, jitter: float) -> float:
+    """Exponential backoff for retry ``attempt`` (0-based) with ``jitter`` in [0, 1) applied as
+    "equal jitter": half fixed, half random, so retries never collapse to zero wait."""
+    base = min(max_s, initial_s * float(2 ** min(attempt, 30)))
+    return float(base / 2 + base / 2 * jitter)

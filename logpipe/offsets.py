@@ -1,0 +1,100 @@
+"""Per-partition offset bookkeeping: which offsets may be committed.
+
+Pure data structure, no Kafka calls. A partition's commit position is the first fetched offset
+that is not yet handled (indexed, already present, or acknowledged by the dead-letter topic); when
+everything fetched is handled it is the last fetched offset + 1. Offsets that were never fetched
+(compacted away, transaction markers) are gaps the position may pass, like a Kafka consumer does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+# (topic, partition)
+PartitionKey = tuple[str, int]
+
+
+@dataclass(slots=True)
+class _Partition:
+    # Fetched offsets not handled yet.
+    unhandled: set[int] = field(default_factory=set)
+    # Last fetched offset + 1 (None until the first fetch).
+    next_offset: int | None = None
+    # Position last committed (or reported committed by mark_committed).
+    committed: int | None = None
+
+
+class OffsetTracker:
+    """Tracks fetched and handled offsets per partition; never yields a position past an
+    unhandled offset."""
+
+    def __init__(self) -> None:
+        self._partitions: dict[PartitionKey, _Partition] = {}
+
+    def fetched(self, key: PartitionKey, offset: int) -> None:
+        """Record an offset handed to us by the consumer (not handled yet)."""
+        part = self._partitions.get(key)
+        if part is None:
+            part = self._partitions[key] = _Partition()
+        if part.committed is not None and offset < part.committed:
+            # Redelivery of something already committed (e.g. after a seek); nothing to track.
+            return
+        part.unhandled.add(offset)
+        if part.next_offset is None or offset >= part.next_offset:
+            part.next_offset = offset + 1
+
+    def handled(self, key: PartitionKey, offset: int) -> None:
+        """Mark a fetched offset as done. Unknown partitions/offsets are ignored: the partition
+        was revoked in the meantime and the message belongs to its new owner."""
+        part = self._partitions.get(key)
+        if part is not None:
+            part.unhandled.discard(offset)
+
+    def handled_many(self, items: Iterable[tuple[PartitionKey, int]]) -> None:
+        for key, offset in items:
+            self.handled(key, offset)
+
+    def position(self, key: PartitionKey) -> int | None:
+        """The offset to commit for this partition: the first one not handled; None if nothing
+        was fetched."""
+        part = self._partitions.get(key)
+        if part is None or part.next_offset is None:
+            return None
+        if part.unhandled:
+            return min(part.unhandled)
+        return part.next_offset
+
+    def unhandled_count(self, key: PartitionKey | None = None) -> int:
+        if key is not None:
+            part = self._partitions.get(key)
+            return len(part.unhandled) if part else 0
+        return sum(len(p.unhandled) for p in self._partitions.values())
+
+    def to_commit(self, keys: Iterable[PartitionKey] | None = None) -> dict[PartitionKey, int]:
+        """Positions that advanced since the last commit (optionally only for ``keys``)."""
+        selected = self._partitions.keys() if keys is None else keys
+        out: dict[PartitionKey, int] = {}
+        for key in selected:
+            pos = self.position(key)
+            if pos is None:
+                continue
+            committed = self._partitions[key].committed
+            if committed is None or pos > committed:
+                out[key] = pos
+        return out
+
+    def mark_committed(self, positions: dict[PartitionKey, int]) -> None:
+        for key, pos in positions.items():
+            part = self._partitions.get(key)
+            if part is not None and (part.committed is None or pos > part.committed):
+                part.committed = pos
+
+    def forget(self, keys: Iterable[PartitionKey]) -> None:
+        """Drop all state for partitions we no longer own (revoked, lost) or just got
+        (re)assigned: the broker's committed offset is the truth for a new owner."""
+        for key in keys:
+            self._partitions.pop(key, None)
+
+    def partitions(self) -> list[PartitionKey]:
+        return list(self._partitions)
