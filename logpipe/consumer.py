@@ -1,0 +1,603 @@
+"""`logpipe consume`: Kafka -> Elasticsearch sink, effectively exactly once in Elasticsearch.
+
+At-least-once from Kafka (manual commits of handled offsets only), idempotent in Elasticsearch
+(op type ``create``, ``_id`` = message key, index from the event timestamp). One batch at a time:
+fetch -> bulk -> dead-letter what Elasticsearch rejects -> retry what can be retried (partitions
+paused, still polling) -> commit. See docs/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from elastic_transport import OrjsonSerializer
+from elasticsearch import ApiError, Elasticsearch, TransportError
+
+from logpipe import log, sdnotify
+from logpipe.bulk import BulkOutcome, Doc, Rejected, backoff_s, build_body, classify, make_doc
+from logpipe.bulk import now_iso as _now_iso
+from logpipe.config import Config, ConfigError
+from logpipe.dlq import DeadLetter, DeadLetterQueue
+from logpipe.es import make_client
+from logpipe.kafka import client_config
+from logpipe.offsets import OffsetTracker, PartitionKey
+
+STATUS_INTERVAL_S = 10.0
+# While retrying, poll this often so rebalance callbacks run and the group keeps us.
+PAUSED_POLL_S = 0.2
+READY_MAX_BACKOFF_S = 10.0
+# A run-once invocation (timer) gives up if Kafka/Elasticsearch do not answer within this.
+RUN_ONCE_READY_TIMEOUT_S = 60.0
+# Only the fields classification needs: keeps the response small and cheap to parse.
+BULK_FILTER_PATH = "errors,items.*._id,items.*._index,items.*.status,items.*.error"
+
+
+@dataclass(slots=True)
+class _InHand:
+    """One fetched message while its batch is being processed."""
+
+    key: PartitionKey
+    offset: int
+    generation: int
+    msg_key: bytes | None
+    value: bytes | None
+    doc: Doc | None = None
+    rejected: Rejected | None = None
+
+
+class SinkConsumer:
+    """The consume loop. ``run()`` blocks until stopped (or run-once is done); ``stop()`` may be
+    called from any thread or a signal handler.
+
+    Counters (cumulative): ``indexed`` (201), ``already_present`` (409), ``dead_lettered``
+    (acknowledged by the dead-letter topic), ``retried`` (item retries), ``batches``,
+    ``left_for_redelivery`` (unhandled at shutdown).
+    """
+
+    def __init__(self, cfg: Config, *, consumer: Any = None, es: Elasticsearch | None = None,
+                 dlq: DeadLetterQueue | None = None,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.cfg = cfg
+        self.indexed = 0
+        self.already_present = 0
+        self.dead_lettered = 0
+        self.retried = 0
+        self.batches = 0
+        self.left_for_redelivery = 0
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._stop_at: float | None = None
+        self._consumer = consumer
+        self._es = es
+        self._dlq = dlq
+        self._rng = rng
+        self._tracker = OffsetTracker()
+        self._assigned: set[PartitionKey] = set()
+        self._generation: dict[PartitionKey, int] = {}
+        self._eof: set[PartitionKey] = set()
+        self._carry: list[_InHand] = []
+        self._paused: set[PartitionKey] = set()
+        self._watchdog = sdnotify.Watchdog()
+        self._pool: ThreadPoolExecutor | None = None
+        self._fatal: KafkaError | None = None
+        self._last_status = time.monotonic()
+        self._status_done = 0
+
+    # -- control ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop_at = time.monotonic()
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _past_shutdown_deadline(self) -> bool:
+        return (self._stop_at is not None
+                and time.monotonic() >= self._stop_at + self.cfg.consumer.shutdown_timeout_s)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Consume until stopped; the process exit code."""
+        kcfg, ccfg = self.cfg.kafka, self.cfg.consumer
+        try:
+            self._open()
+        except ConfigError as exc:
+            log.error("consumer_failed", error=str(exc))
+            self._close()
+            return 2
+        log.event("consumer_started", topic=kcfg.topic, group=kcfg.group_id,
+                  dlq_topic=kcfg.dlq_topic, batch_size=ccfg.batch_size,
+                  bulk_concurrency=ccfg.bulk_concurrency,
+                  mode="run_once" if ccfg.max_batches else "service")
+        code = 0
+        try:
+            if not self._wait_ready():
+                code = 0 if self.stopping else 1
+                return code
+            self._consumer.subscribe([kcfg.topic], on_assign=self._on_assign,
+                                     on_revoke=self._on_revoke, on_lost=self._on_lost)
+            sdnotify.notify("READY=1")
+            self.ready.set()
+            log.event("ready", topic=kcfg.topic)
+            self._loop()
+            if self._fatal is not None:
+                log.error("consumer_failed", error=str(self._fatal))
+                code = 1
+        except KafkaException as exc:
+            log.error("consumer_failed", error=str(exc))
+            code = 1
+        except Exception as exc:
+            log.error("consumer_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            code = 1
+        finally:
+            self._close()
+        return code
+
+    def _open(self) -> None:
+        kcfg, ccfg = self.cfg.kafka, self.cfg.consumer
+        if self._consumer is None:
+            self._consumer = Consumer(consumer_config(self.cfg, error_cb=self._on_error))
+        if self._es is None:
+            self._es = make_es_client(self.cfg)
+        if self._dlq is None:
+            self._dlq = DeadLetterQueue(kcfg)
+        if ccfg.bulk_concurrency > 1:
+            self._pool = ThreadPoolExecutor(ccfg.bulk_concurrency,
+                                            thread_name_prefix="logpipe-bulk")
+
+    def _close(self) -> None:
+        sdnotify.notify("STOPPING=1")
+        left = self._tracker.unhandled_count()
+        self.left_for_redelivery += left
+        if self._consumer is not None:
+            try:
+                self._commit()
+            except Exception as exc:
+                log.warning("commit_failed", error=str(exc))
+            try:
+                # Leaves the group; with cooperative-sticky this revokes (and commits) first.
+                self._consumer.close()
+            except Exception as exc:
+                log.warning("consumer_close_failed", error=str(exc))
+        undelivered = self._dlq.close() if self._dlq is not None else 0
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        log.event("shutdown", left_for_redelivery=self.left_for_redelivery,
+                  indexed=self.indexed, already_present=self.already_present,
+                  dlq=self.dead_lettered, batches=self.batches,
+                  dlq_undelivered=undelivered)
+
+    def _wait_ready(self) -> bool:
+        """Wait (with backoff) until the topic's metadata and Elasticsearch both answer."""
+        topic = self.cfg.kafka.topic
+        delay = 0.5
+        give_up = (time.monotonic() + RUN_ONCE_READY_TIMEOUT_S
+                   if self.cfg.consumer.max_batches else None)
+        while not self.stopping:
+            self._watchdog.ping()
+            problems = []
+            try:
+                meta = self._consumer.list_topics(topic, timeout=5.0)
+                info = meta.topics.get(topic)
+                if info is None or info.error is not None or not info.partitions:
+                    problems.append(f"kafka topic {topic}: "
+                                    f"{info.error if info is not None else 'missing'}")
+            except KafkaException as exc:
+                problems.append(f"kafka: {exc}")
+            try:
+                assert self._es is not None
+                # Not info()/ping(): `GET /` lives in a module minimal distributions leave out.
+                self._es.cluster.health()
+            except Exception as exc:
+                problems.append(f"elasticsearch: {type(exc).__name__}: {exc}")
+            if not problems:
+                return True
+            if give_up is not None and time.monotonic() >= give_up:
+                log.error("not_ready", reason="; ".join(problems))
+                return False
+            log.warning("waiting", reason="; ".join(problems), retry_in_s=delay)
+            end = time.monotonic() + delay
+            while not self.stopping and time.monotonic() < end:
+                self._watchdog.ping()
+                time.sleep(min(0.2, max(0.0, end - time.monotonic())))
+            delay = min(delay * 2, READY_MAX_BACKOFF_S)
+        return False
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        ccfg = self.cfg.consumer
+        run_once = ccfg.max_batches > 0
+        unassigned_since = time.monotonic()
+        unassigned_limit = ccfg.session_timeout_ms / 1000 + 10.0
+        while not self.stopping and self._fatal is None:
+            self._tick()
+            batch = self._fetch()
+            if batch:
+                self._process(batch)
+                self.batches += 1
+                if run_once and self.batches >= ccfg.max_batches:
+                    break
+                continue
+            if run_once:
+                if self._assigned:
+                    unassigned_since = time.monotonic()
+                    if self._eof >= self._assigned and not self._carry:
+                        break
+                elif time.monotonic() - unassigned_since > unassigned_limit:
+                    log.warning("no_assignment", waited_s=unassigned_limit)
+                    break
+
+    def _fetch(self) -> list[_InHand]:
+        size = self.cfg.consumer.batch_size
+        if self._carry:
+            live = [m for m in self._carry if self._owned(m)]
+            batch, self._carry = live[:size], live[size:]
+            if batch:
+                return batch
+        return self._accept(self._consumer.consume(size, self.cfg.consumer.poll_timeout_s))
+
+    def _accept(self, messages: Sequence[Message]) -> list[_InHand]:
+        out: list[_InHand] = []
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self._eof.add((msg.topic(), msg.partition()))
+                elif err.fatal():
+                    self._fatal = err
+                else:
+                    log.warning("kafka_error", error=str(err))
+                continue
+            key = (msg.topic(), msg.partition())
+            offset = msg.offset()
+            self._eof.discard(key)
+            self._tracker.fetched(key, offset)
+            out.append(_InHand(key, offset, self._generation.get(key, 0), msg.key(), msg.value()))
+        return out
+
+    def _owned(self, m: _InHand) -> bool:
+        return m.key in self._assigned and self._generation.get(m.key, 0) == m.generation
+
+    def _process(self, batch: list[_InHand]) -> None:
+        ccfg, es_prefix = self.cfg.consumer, self.cfg.elasticsearch.index
+        started = time.monotonic()
+        indexed_at = _now_iso()
+        for m in batch:
+            result = make_doc(m.value, m.msg_key, index_prefix=es_prefix, indexed_at=indexed_at,
+                              max_bytes=ccfg.max_message_bytes)
+            if isinstance(result, Doc):
+                m.doc = result
+            else:
+                m.rejected = result
+        created = present = dead = retried = 0
+        attempt = 0
+        remaining = batch
+        while True:
+            remaining = [m for m in remaining if self._owned(m)]
+            if not remaining:
+                break
+            retry: list[_InHand] = []
+            reason = ""
+            to_index = [m for m in remaining if m.rejected is None]
+            if to_index:
+                outcome = self._bulk([m.doc for m in to_index if m.doc is not None])
+                for pos in outcome.created:
+                    self._tracker.handled(to_index[pos].key, to_index[pos].offset)
+                for pos in outcome.already_present:
+                    self._tracker.handled(to_index[pos].key, to_index[pos].offset)
+                for pos, rejected in outcome.rejected.items():
+                    to_index[pos].rejected = rejected
+                retry.extend(to_index[pos] for pos in outcome.retry)
+                created += len(outcome.created)
+                present += len(outcome.already_present)
+                reason = outcome.retry_reason
+            to_dlq = [m for m in remaining if m.rejected is not None]
+            if to_dlq:
+                acked = self._dead_letter(to_dlq)
+                for m, ok in zip(to_dlq, acked, strict=True):
+                    if ok:
+                        self._tracker.handled(m.key, m.offset)
+                        dead += 1
+                    else:
+                        retry.append(m)
+                        reason = reason or "dlq_delivery"
+            remaining = retry
+            if not remaining:
+                break
+            if self._stop.is_set() and self._past_shutdown_deadline():
+                break
+            wait = backoff_s(attempt, ccfg.retry_initial_backoff_s, ccfg.retry_max_backoff_s,
+                             self._rng())
+            if self._stop_at is not None:
+                wait = min(wait, max(0.0, self._stop_at + ccfg.shutdown_timeout_s
+                                     - time.monotonic()))
+            attempt += 1
+            retried += len(remaining)
+            log.event("bulk_retry", items=len(remaining), attempt=attempt,
+                      backoff_s=round(wait, 3), reason=reason or "unknown")
+            self._wait_paused(wait)
+        self.indexed += created
+        self.already_present += present
+        self.dead_lettered += dead
+        self.retried += retried
+        committed = self._commit()
+        left = [m for m in remaining if self._owned(m)]
+        if left:
+            log.warning("batch_incomplete", left_for_redelivery=len(left))
+        log.event("batch_committed", docs=len(batch), created=created, already_present=present,
+                  dlq=dead, retried=retried, seconds=round(time.monotonic() - started, 3),
+                  partitions=len(committed))
+
+    # -- Elasticsearch -----------------------------------------------------------------------
+
+    def _bulk(self, docs: list[Doc]) -> BulkOutcome:
+        chunks = self.cfg.consumer.bulk_concurrency
+        if self._pool is None or chunks <= 1 or len(docs) < 2 * chunks:
+            return self._bulk_chunk(docs)
+        size = -(-len(docs) // chunks)
+        parts = [docs[i:i + size] for i in range(0, len(docs), size)]
+        merged = BulkOutcome()
+        base = 0
+        for part, outcome in zip(parts, self._pool.map(self._bulk_chunk, parts), strict=True):
+            merged.created.extend(base + p for p in outcome.created)
+            merged.already_present.extend(base + p for p in outcome.already_present)
+            merged.retry.extend(base + p for p in outcome.retry)
+            merged.rejected.update({base + p: r for p, r in outcome.rejected.items()})
+            merged.retry_reason = merged.retry_reason or outcome.retry_reason
+            base += len(part)
+        return merged
+
+    def _bulk_chunk(self, docs: list[Doc]) -> BulkOutcome:
+        """One ``_bulk`` request; a failure of the whole request makes every item retriable."""
+        assert self._es is not None
+        body = build_body(docs)
+        reason = ""
+        try:
+            response = self._es.bulk(body=body,  # type: ignore[arg-type]
+                                     filter_path=BULK_FILTER_PATH)
+        except ApiError as exc:
+            reason = f"http_{exc.meta.status}"
+            detail = str(exc)[:300]
+        except TransportError as exc:
+            reason = type(exc).__name__
+            detail = str(exc)[:300]
+        except Exception as exc:
+            reason = type(exc).__name__
+            detail = str(exc)[:300]
+        else:
+            return classify(response.body, docs)
+        log.warning("bulk_request_failed", reason=reason, error=detail, items=len(docs))
+        return BulkOutcome(retry=list(range(len(docs))), retry_reason=reason)
+
+    # -- dead-letter topic -------------------------------------------------------------------
+
+    def _dead_letter(self, messages: list[_InHand]) -> list[bool]:
+        assert self._dlq is not None
+        letters = []
+        for m in messages:
+            assert m.rejected is not None
+            letters.append(DeadLetter(m.key[0], m.key[1], m.offset, m.msg_key, m.value,
+                                      m.rejected.reason, m.rejected.error))
+        acked = self._dlq.send(letters)
+        for letter, ok in zip(letters, acked, strict=True):
+            if ok:
+                log.event("dlq_sent", reason=letter.reason, partition=letter.partition,
+                          offset=letter.offset, error=letter.error[:200])
+        return acked
+
+    # -- waiting while retrying --------------------------------------------------------------
+
+    def _wait_paused(self, seconds: float) -> None:
+        """Sleep ``seconds`` without leaving the group: partitions paused, still polling."""
+        end = time.monotonic() + seconds
+        try:
+            while True:
+                self._pause_all()
+                self._tick()
+                left = end - time.monotonic()
+                if left <= 0 or (self._stop.is_set() and self._past_shutdown_deadline()):
+                    break
+                messages = self._consumer.consume(self.cfg.consumer.batch_size,
+                                                  min(PAUSED_POLL_S, left))
+                # Anything that still arrives (a partition assigned meanwhile) is kept in
+                # order for the next batch, never dropped.
+                self._carry.extend(self._accept(messages))
+        finally:
+            self._resume_all()
+
+    def _pause_all(self) -> None:
+        new = self._assigned - self._paused
+        if new:
+            self._consumer.pause([TopicPartition(t, p) for t, p in new])
+            self._paused |= new
+
+    def _resume_all(self) -> None:
+        current = self._paused & self._assigned
+        if current:
+            self._consumer.resume([TopicPartition(t, p) for t, p in current])
+        self._paused.clear()
+
+    # -- commits and rebalances --------------------------------------------------------------
+
+    def _commit(self, keys: set[PartitionKey] | None = None) -> dict[PartitionKey, int]:
+        """Synchronously commit handled positions that advanced (only partitions we own)."""
+        selected = self._assigned if keys is None else keys
+        positions = self._tracker.to_commit(selected)
+        if not positions:
+            return {}
+        offsets = [TopicPartition(t, p, pos) for (t, p), pos in positions.items()]
+        try:
+            result = self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # Typically a rebalance in progress: the positions stay pending and are retried
+            # with the next commit (or by the revoke callback).
+            log.warning("commit_failed", error=str(exc), partitions=len(offsets))
+            return {}
+        done = {}
+        for tp in result or offsets:
+            if tp.error is None:
+                done[(tp.topic, tp.partition)] = tp.offset
+            else:
+                log.warning("commit_failed", partition=tp.partition, error=str(tp.error))
+        self._tracker.mark_committed(done)
+        return done
+
+    def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        # confluent-kafka performs the incremental assign itself after this callback returns
+        # (cooperative protocol), since we do not call incremental_assign here.
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._tracker.forget(keys)
+        for key in keys:
+            self._generation[key] = self._generation.get(key, 0) + 1
+        self._assigned |= keys
+        self._eof -= keys
+        log.event("assigned", partitions=_fmt(keys), owned=len(self._assigned))
+
+    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        try:
+            committed = self._commit(keys & self._assigned)
+        except Exception as exc:
+            log.warning("commit_failed", error=str(exc))
+            committed = {}
+        dropped = self._drop(keys)
+        log.event("revoked", partitions=_fmt(keys), committed=len(committed),
+                  dropped=dropped, owned=len(self._assigned))
+
+    def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        dropped = self._drop(keys)
+        log.warning("lost", partitions=_fmt(keys), dropped=dropped, owned=len(self._assigned))
+
+    def _drop(self, keys: set[PartitionKey]) -> int:
+        """Forget partitions we no longer own; their unhandled messages go to the new owner."""
+        dropped = sum(self._tracker.unhandled_count(k) for k in keys)
+        self._tracker.forget(keys)
+        for key in keys:
+            self._generation[key] = self._generation.get(key, 0) + 1
+        self._assigned -= keys
+        self._paused -= keys
+        self._eof -= keys
+        self._carry = [m for m in self._carry if m.key not in keys]
+        return dropped
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = err
+            log.error("kafka_fatal", error=str(err))
+        else:
+            log.warning("kafka_error", error=str(err))
+
+    # -- status ------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self._watchdog.ping()
+        now = time.monotonic()
+        elapsed = now - self._last_status
+        if elapsed < STATUS_INTERVAL_S:
+            return
+        done = self.indexed + self.already_present + self.dead_lettered
+        rate = (done - self._status_done) / elapsed
+        self._last_status, self._status_done = now, done
+        lag = self._lag()
+        sdnotify.notify(f"STATUS=docs/s={rate:.0f} lag={lag} indexed={self.indexed} "
+                        f"dlq={self.dead_lettered}")
+        log.event("throughput", docs_per_s=round(rate, 1), lag=lag, indexed=self.indexed,
+                  already_present=self.already_present, dlq=self.dead_lettered,
+                  owned=len(self._assigned))
+
+    def _lag(self) -> int:
+        """Messages not yet handled on owned partitions (cached high watermarks, no request)."""
+        lag = 0
+        for topic, partition in self._assigned:
+            try:
+                _low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True)
+            except KafkaException:
+                continue
+            pos = self._tracker.position((topic, partition))
+            if pos is None:
+                continue
+            if high is not None and high >= 0:
+                lag += max(0, high - pos)
+        return lag
+
+
+def _fmt(keys: set[PartitionKey]) -> str:
+    return ",".join(f"{t}:{p}" for t, p in sorted(keys)) or "-"
+
+
+def consumer_config(cfg: Config, *, error_cb: Callable[[KafkaError], None] | None = None,
+                    ) -> dict[str, Any]:
+    """librdkafka settings for the sink consumer.
+
+    Tuning comes first so ``kafka.client_overrides`` can change it; the delivery-semantics keys
+    come last so nothing can turn auto-commit back on.
+    """
+    kcfg, ccfg = cfg.kafka, cfg.consumer
+    tuning: dict[str, Any] = {
+        # Fewer, larger fetches under load, still at most 100 ms of added latency when idle.
+        "fetch.min.bytes": 65536,
+        "fetch.wait.max.ms": 100,
+        # Bound the prefetch queue so RSS stays small whatever the backlog.
+        "queued.max.messages.kbytes": 16384,
+        "queued.min.messages": max(1000, 4 * ccfg.batch_size),
+        "fetch.max.bytes": 8 * 1024 * 1024,
+    }
+    semantics: dict[str, Any] = {
+        "group.id": kcfg.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": ccfg.session_timeout_ms,
+        "max.poll.interval.ms": ccfg.max_poll_interval_ms,
+        # Run-once mode stops when every owned partition has been read to its end.
+        "enable.partition.eof": ccfg.max_batches > 0,
+    }
+    conf = {**tuning, **client_config(kcfg, "logpipe-consumer"), **semantics}
+    if error_cb is not None:
+        conf["error_cb"] = error_cb
+    return conf
+
+
+def make_es_client(cfg: Config) -> Elasticsearch:
+    """The Elasticsearch client, parsing responses with orjson (bulk answers are large)."""
+    return make_client(cfg.elasticsearch,
+                       serializers={"application/json": OrjsonSerializer()})
+
+
+def run(cfg: Config) -> int:
+    """Entry point of ``logpipe consume``: the process exit code.
+
+    SIGTERM/SIGINT stop fetching, finish the batch in hand (bounded by
+    ``consumer.shutdown_timeout_s``), commit and leave the group; the exit code is then 0.
+    """
+    sink = SinkConsumer(cfg)
+    previous: dict[signal.Signals, Any] = {}
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        sink.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handle)
+    try:
+        return sink.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

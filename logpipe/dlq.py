@@ -1,0 +1,110 @@
+"""The dead-letter topic: an idempotent producer whose sends are confirmed before we commit.
+
+A dead-lettered message counts as handled only once the broker has acknowledged the copy
+(``acks=all``): a send that fails or times out leaves the message unhandled, so its offset is not
+committed past and it is retried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from logpipe import log
+from logpipe.config import KafkaConfig
+from logpipe.kafka import client_config
+
+# Keep the copy well under the broker's default max.message.bytes (1 MiB, per record batch)
+# and librdkafka's message.max.bytes, with room for key and headers.
+MAX_DLQ_VALUE_BYTES = 900_000
+MAX_HEADER_ERROR_CHARS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+    error: str
+
+
+def headers_for(letter: DeadLetter) -> list[tuple[str, bytes]]:
+    return [
+        ("logpipe.reason", letter.reason.encode()),
+        ("logpipe.error", letter.error[:MAX_HEADER_ERROR_CHARS].encode("utf-8", "replace")),
+        ("logpipe.source.topic", letter.topic.encode()),
+        ("logpipe.source.partition", str(letter.partition).encode()),
+        ("logpipe.source.offset", str(letter.offset).encode()),
+    ]
+
+
+def fit_value(value: bytes | None, limit: int = MAX_DLQ_VALUE_BYTES,
+              ) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The value to dead-letter, truncated to ``limit`` with a header noting the original size."""
+    if value is None or len(value) <= limit:
+        return value, []
+    return value[:limit], [("logpipe.truncated_from", str(len(value)).encode())]
+
+
+class DeadLetterQueue:
+    def __init__(self, cfg: KafkaConfig, *, flush_timeout_s: float = 30.0,
+                 producer: Any = None) -> None:
+        self._topic = cfg.dlq_topic
+        self._flush_timeout_s = flush_timeout_s
+        if producer is None:
+            conf = {
+                "linger.ms": 5,
+                **client_config(cfg, "logpipe-dlq"),
+                "enable.idempotence": True,
+                "acks": "all",
+            }
+            producer = Producer(conf)
+        self._producer = producer
+
+    def send(self, letters: Sequence[DeadLetter], timeout_s: float | None = None) -> list[bool]:
+        """Produce every letter and wait for the broker; per letter, True if acknowledged."""
+        acked = [False] * len(letters)
+
+        def on_delivery(pos: int) -> Any:
+            def callback(err: KafkaError | None, _msg: Message) -> None:
+                if err is None:
+                    acked[pos] = True
+                else:
+                    log.warning("dlq_delivery_failed", error=str(err),
+                                source_partition=letters[pos].partition,
+                                source_offset=letters[pos].offset)
+            return callback
+
+        for pos, letter in enumerate(letters):
+            value, extra = fit_value(letter.value)
+            try:
+                self._producer.produce(self._topic, value=value, key=letter.key,
+                                       headers=headers_for(letter) + extra,
+                                       on_delivery=on_delivery(pos))
+            except BufferError:
+                # Local queue full: let deliveries drain, then try once more.
+                self._producer.flush(self._flush_timeout_s)
+                try:
+                    self._producer.produce(self._topic, value=value, key=letter.key,
+                                           headers=headers_for(letter) + extra,
+                                           on_delivery=on_delivery(pos))
+                except Exception as exc:
+                    log.warning("dlq_produce_failed", error=str(exc),
+                                source_offset=letter.offset)
+            except Exception as exc:  # KafkaException: message too large, unknown topic, ...
+                log.warning("dlq_produce_failed", error=str(exc), source_offset=letter.offset)
+        remaining = self._producer.flush(self._flush_timeout_s if timeout_s is None
+                                         else timeout_s)
+        if remaining:
+            log.warning("dlq_flush_incomplete", outstanding=remaining)
+        return acked
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        """Flush what is left; the number of messages still undelivered."""
+        return int(self._producer.flush(timeout_s))
