@@ -304,6 +304,8 @@ class SinkConsumer:
                 retry.extend(to_index[pos] for pos in outcome.retry)
                 created += len(outcome.created)
                 present += len(outcome.already_present)
+                self.indexed += len(outcome.created)
+                self.already_present += len(outcome.already_present)
                 reason = outcome.retry_reason
             to_dlq = [m for m in remaining if m.rejected is not None]
             if to_dlq:
@@ -312,6 +314,7 @@ class SinkConsumer:
                     if ok:
                         self._tracker.handled(m.key, m.offset)
                         dead += 1
+                        self.dead_lettered += 1
                     else:
                         retry.append(m)
                         reason = reason or "dlq_delivery"
@@ -327,13 +330,10 @@ class SinkConsumer:
                                      - time.monotonic()))
             attempt += 1
             retried += len(remaining)
+            self.retried += len(remaining)
             log.event("bulk_retry", items=len(remaining), attempt=attempt,
                       backoff_s=round(wait, 3), reason=reason or "unknown")
             self._wait_paused(wait)
-        self.indexed += created
-        self.already_present += present
-        self.dead_lettered += dead
-        self.retried += retried
         committed = self._commit()
         left = [m for m in remaining if self._owned(m)]
         if left:
@@ -460,6 +460,8 @@ class SinkConsumer:
         # confluent-kafka performs the incremental assign itself after this callback returns
         # (cooperative protocol), since we do not call incremental_assign here.
         keys = {(tp.topic, tp.partition) for tp in partitions}
+        if not keys:
+            return  # an incremental rebalance that gave us nothing new
         self._tracker.forget(keys)
         for key in keys:
             self._generation[key] = self._generation.get(key, 0) + 1

@@ -56,7 +56,7 @@ def as_rejected(result: Doc | Rejected) -> Rejected:
 
 
 def test_doc_index_id_and_source() -> None:
-    doc = as_doc(doc_for(orjson.dumps(EVENT), key=EVENT["log_id"].encode()))  # type: ignore[union-attr]
+    doc = as_doc(doc_for(orjson.dumps(EVENT), key=str(EVENT["log_id"]).encode()))
     assert doc.index == "web-logs-topic-2026.11.24"
     assert doc.doc_id == EVENT["log_id"]
     assert orjson.loads(doc.source) == {**EVENT, "indexed_at": INDEXED_AT}

@@ -1,0 +1,441 @@
+"""SinkConsumer driven by in-memory Kafka, Elasticsearch and dead-letter fakes.
+
+The fakes check the central invariant on every commit: no committed position passes a message
+that was neither indexed (201/409) nor acknowledged by the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import KafkaError, TopicPartition
+
+from logpipe.config import Config, ConsumerConfig, ElasticsearchConfig, KafkaConfig
+from logpipe.consumer import SinkConsumer, consumer_config
+from logpipe.dlq import DeadLetter
+
+TOPIC = "web-logs-topic"
+
+
+def event(n: int) -> bytes:
+    return orjson.dumps({"log_id": f"id-{n}", "timestamp": "2026-11-24T10:00:00.123Z",
+                         "status": 200, "bytes": n})
+
+
+class FakeMessage:
+    def __init__(self, partition: int, offset: int, key: bytes | None, value: bytes | None,
+                 error: KafkaError | None = None) -> None:
+        self._p, self._o, self._k, self._v, self._e = partition, offset, key, value, error
+
+    def error(self) -> KafkaError | None:
+        return self._e
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes | None:
+        return self._k
+
+    def value(self) -> bytes | None:
+        return self._v
+
+
+class World:
+    """Shared truth: what is durably in Elasticsearch / the DLQ, keyed by (partition, offset)."""
+
+    def __init__(self) -> None:
+        self.indexed: dict[str, tuple[int, int]] = {}
+        self.offset_of_id: dict[str, tuple[int, int]] = {}
+        self.dead: set[tuple[int, int]] = set()
+        self.commits: list[dict[int, int]] = []
+
+    def done(self, partition: int, offset: int) -> bool:
+        return (partition, offset) in self.dead or (partition, offset) in self.indexed.values()
+
+
+class FakeKafka:
+    def __init__(self, world: World, partitions: dict[int, list[tuple[bytes | None, bytes]]],
+                 ) -> None:
+        self.world = world
+        self.logs = partitions
+        self.next = dict.fromkeys(partitions, 0)
+        self.paused: set[int] = set()
+        self.pause_calls = 0
+        self.resume_calls = 0
+        self.callbacks: dict[str, Callable[..., None]] = {}
+        self.assigned = False
+        self.closed = False
+        self.eof_sent: set[int] = set()
+        # Hook run at the start of every consume() (e.g. to trigger a revoke).
+        self.on_consume: Callable[[FakeKafka], None] | None = None
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        from types import SimpleNamespace
+
+        info = SimpleNamespace(error=None, partitions=dict.fromkeys(self.logs))
+        return SimpleNamespace(topics={TOPIC: info})
+
+    def subscribe(self, topics: list[str], **callbacks: Callable[..., None]) -> None:
+        assert topics == [TOPIC]
+        self.callbacks = callbacks
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        if not self.assigned:
+            self.assigned = True
+            self.callbacks["on_assign"](self, [TopicPartition(TOPIC, p) for p in self.logs])
+        if self.on_consume is not None:
+            self.on_consume(self)
+        out: list[FakeMessage] = []
+        for p, log in self.logs.items():
+            if p in self.paused:
+                continue
+            while self.next[p] < len(log) and len(out) < num_messages:
+                key, value = log[self.next[p]]
+                out.append(FakeMessage(p, self.next[p], key, value))
+                self.next[p] += 1
+                self.eof_sent.discard(p)
+            if self.next[p] == len(log) and p not in self.eof_sent and len(out) < num_messages:
+                self.eof_sent.add(p)
+                out.append(FakeMessage(p, len(log), None, None,
+                                       KafkaError(KafkaError._PARTITION_EOF)))
+        if not out:
+            time.sleep(min(timeout, 0.002))
+        return out
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.pause_calls += 1
+        self.paused |= {tp.partition for tp in tps}
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.resume_calls += 1
+        self.paused -= {tp.partition for tp in tps}
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
+        assert asynchronous is False
+        for tp in offsets:
+            for offset in range(tp.offset):
+                assert self.world.done(tp.partition, offset), (
+                    f"commit {tp.partition}@{tp.offset} passes unhandled offset {offset}")
+        self.world.commits.append({tp.partition: tp.offset for tp in offsets})
+        return offsets
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool) -> tuple[int, int]:
+        return 0, len(self.logs[tp.partition])
+
+    def close(self) -> None:
+        self.closed = True
+        self.callbacks["on_revoke"](self, [TopicPartition(TOPIC, p) for p in self.logs])
+
+    def committed_position(self, partition: int) -> int:
+        return max((c[partition] for c in self.world.commits if partition in c), default=0)
+
+
+class FakeResponse:
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+
+class FakeES:
+    """Indexes `create`s into World; `verdict(doc_id, attempt)` can force an item status."""
+
+    def __init__(self, world: World,
+                 verdict: Callable[[str, int], int | None] = lambda _i, _n: None,
+                 fail_requests: int = 0) -> None:
+        self.world = world
+        self.verdict = verdict
+        self.fail_requests = fail_requests
+        self.attempts: dict[str, int] = {}
+        self.requests = 0
+        self.lock = threading.Lock()
+
+        class Cluster:
+            def health(self) -> dict[str, str]:
+                return {"status": "green"}
+        self.cluster = Cluster()
+
+    def bulk(self, body: bytes, filter_path: str) -> FakeResponse:
+        from elasticsearch import ConnectionError as EsConnectionError
+
+        with self.lock:
+            self.requests += 1
+            if self.fail_requests > 0:
+                self.fail_requests -= 1
+                raise EsConnectionError("connection refused")
+            lines = body.split(b"\n")[:-1]
+            items = []
+            for action_line, source_line in zip(lines[::2], lines[1::2], strict=True):
+                action = orjson.loads(action_line)["create"]
+                source = orjson.loads(source_line)
+                doc_id = action["_id"]
+                assert "indexed_at" in source
+                n = self.attempts[doc_id] = self.attempts.get(doc_id, 0) + 1
+                forced = self.verdict(doc_id, n)
+                result: dict[str, Any] = {"_index": action["_index"], "_id": doc_id}
+                if forced == 429:
+                    result.update(status=429, error={"type": "es_rejected_execution_exception",
+                                                     "reason": "queue full"})
+                elif forced == 400:
+                    result.update(status=400, error={"type": "document_parsing_exception",
+                                                     "reason": "failed to parse field [status]"})
+                elif doc_id in self.world.indexed:
+                    result.update(status=409, error={"type": "version_conflict_engine_exception",
+                                                     "reason": "document already exists"})
+                else:
+                    self.world.indexed[doc_id] = self.world.offset_of_id[doc_id]
+                    result.update(status=201, result="created")
+                items.append({"create": result})
+            # Answer in reverse order: the consumer must match by id, not position.
+            items.reverse()
+            errors = any(i["create"]["status"] >= 300 for i in items)
+            return FakeResponse({"errors": errors, "items": items})
+
+
+class FakeDLQ:
+    def __init__(self, world: World, fail_first: int = 0) -> None:
+        self.world = world
+        self.fail_first = fail_first
+        self.sent: list[DeadLetter] = []
+
+    def send(self, letters: list[DeadLetter], timeout_s: float | None = None) -> list[bool]:
+        acks = []
+        for letter in letters:
+            if self.fail_first > 0:
+                self.fail_first -= 1
+                acks.append(False)
+                continue
+            self.sent.append(letter)
+            self.world.dead.add((letter.partition, letter.offset))
+            acks.append(True)
+        return acks
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        return 0
+
+
+def make_config(**consumer: Any) -> Config:
+    values = {"batch_size": 10, "max_batches": 1000, "poll_timeout_s": 0.01,
+              "retry_initial_backoff_s": 0.01, "retry_max_backoff_s": 0.02,
+              "shutdown_timeout_s": 1.0, **consumer}
+    return Config(kafka=KafkaConfig(topic=TOPIC), elasticsearch=ElasticsearchConfig(),
+                  consumer=ConsumerConfig(**values))
+
+
+def setup(per_partition: int = 15, partitions: int = 2, extra: dict[int, list[bytes]] | None = None,
+          ) -> tuple[World, FakeKafka]:
+    world = World()
+    logs: dict[int, list[tuple[bytes | None, bytes]]] = {}
+    n = 0
+    for p in range(partitions):
+        logs[p] = []
+        for _ in range(per_partition):
+            logs[p].append((f"id-{n}".encode(), event(n)))
+            world.offset_of_id[f"id-{n}"] = (p, len(logs[p]) - 1)
+            n += 1
+        for value in (extra or {}).get(p, []):
+            logs[p].append((b"poison-%d" % len(logs[p]), value))
+    return world, FakeKafka(world, logs)
+
+
+def sink(cfg: Config, kafka: FakeKafka, es: FakeES, dlq: FakeDLQ) -> SinkConsumer:
+    return SinkConsumer(cfg, consumer=kafka, es=es, dlq=dlq,  # type: ignore[arg-type]
+                        rng=lambda: 0.5)
+
+
+def test_run_once_indexes_everything_and_commits_to_the_end() -> None:
+    world, kafka = setup()
+    consumer = sink(make_config(), kafka, FakeES(world), FakeDLQ(world))
+    assert consumer.run() == 0
+    assert consumer.indexed == 30
+    assert consumer.already_present == 0
+    assert consumer.dead_lettered == 0
+    assert len(world.indexed) == 30
+    assert kafka.committed_position(0) == 15
+    assert kafka.committed_position(1) == 15
+    assert kafka.closed
+
+
+def test_max_batches_stops_early() -> None:
+    world, kafka = setup()
+    consumer = sink(make_config(max_batches=1), kafka, FakeES(world), FakeDLQ(world))
+    assert consumer.run() == 0
+    assert consumer.batches == 1
+    assert consumer.indexed == 10
+
+
+def test_replay_counts_already_present() -> None:
+    world, kafka = setup()
+    sink(make_config(), kafka, FakeES(world), FakeDLQ(world)).run()
+    _, kafka2 = setup()
+    kafka2.world = world
+    again = sink(make_config(), kafka2, FakeES(world), FakeDLQ(world))
+    assert again.run() == 0
+    assert again.indexed == 0
+    assert again.already_present == 30
+
+
+def test_retriable_items_are_retried_while_paused() -> None:
+    world, kafka = setup()
+    # id-3 is rejected twice with 429, then accepted.
+    es = FakeES(world, verdict=lambda i, n: 429 if i == "id-3" and n <= 2 else None)
+    consumer = sink(make_config(), kafka, es, FakeDLQ(world))
+    assert consumer.run() == 0
+    assert consumer.indexed == 30
+    assert consumer.retried == 2
+    assert es.attempts["id-3"] == 3
+    # Only the failed item is resent, not its batch.
+    assert es.attempts["id-2"] == 1
+    assert kafka.pause_calls >= 2 and kafka.resume_calls >= 2
+    assert not kafka.paused
+
+
+def test_whole_request_failure_is_retried() -> None:
+    world, kafka = setup()
+    es = FakeES(world, fail_requests=3)
+    consumer = sink(make_config(), kafka, es, FakeDLQ(world))
+    assert consumer.run() == 0
+    assert consumer.indexed == 30
+    assert consumer.retried == 30
+
+
+def test_mapping_errors_and_poison_go_to_the_dlq() -> None:
+    world, kafka = setup(extra={0: [b"not json", orjson.dumps({"timestamp": "yesterday"})]})
+    es = FakeES(world, verdict=lambda i, n: 400 if i == "id-7" else None)
+    dlq = FakeDLQ(world)
+    consumer = sink(make_config(), kafka, es, dlq)
+    assert consumer.run() == 0
+    reasons = {(d.partition, d.offset): d.reason for d in dlq.sent}
+    assert reasons == {(0, 7): "mapping_error", (0, 15): "not_json", (0, 16): "bad_timestamp"}
+    assert consumer.dead_lettered == 3
+    assert consumer.indexed == 29
+    assert kafka.committed_position(0) == 17
+    letter = next(d for d in dlq.sent if d.offset == 15)
+    assert letter.value == b"not json"
+    assert letter.key == b"poison-15"
+
+
+def test_failed_dlq_delivery_blocks_the_commit_until_acknowledged() -> None:
+    world, kafka = setup(per_partition=3, partitions=1, extra={0: [b"not json"]})
+    dlq = FakeDLQ(world, fail_first=2)
+    consumer = sink(make_config(), kafka, FakeES(world), dlq)
+    assert consumer.run() == 0
+    assert consumer.dead_lettered == 1
+    assert consumer.retried == 2
+    # The fake's commit() asserts that no position passed the unacknowledged offset 3.
+    assert kafka.committed_position(0) == 4
+
+
+def test_stop_during_endless_retry_commits_only_handled_and_exits_zero() -> None:
+    world, kafka = setup(per_partition=10, partitions=1)
+    es = FakeES(world, verdict=lambda i, n: 429 if i == "id-4" else None)
+    consumer = sink(make_config(max_batches=0, shutdown_timeout_s=0.3), kafka, es,
+                    FakeDLQ(world))
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while consumer.retried < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    consumer.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 2.0
+    # Offsets 5..9 were indexed, but the position stops at the unhandled offset 4.
+    assert kafka.committed_position(0) == 4
+    assert consumer.left_for_redelivery == 1
+
+
+def test_revoke_during_retry_commits_handled_and_drops_the_rest() -> None:
+    world, kafka = setup(per_partition=5, partitions=2)
+    # id-1 (partition 0) keeps failing until partition 0 is revoked.
+    es = FakeES(world, verdict=lambda i, n: 429 if i == "id-1" else None)
+    consumer = sink(make_config(max_batches=0), kafka, es, FakeDLQ(world))
+    revoked = threading.Event()
+
+    def revoke_partition_0(k: FakeKafka) -> None:
+        if consumer.retried >= 2 and not revoked.is_set():
+            revoked.set()
+            k.callbacks["on_revoke"](k, [TopicPartition(TOPIC, 0)])
+            del k.logs[0]
+
+    kafka.on_consume = revoke_partition_0
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not (revoked.is_set() and consumer.batches >= 1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    consumer.stop()
+    thread.join(5)
+    assert revoked.is_set()
+    # Partition 0: offset 0 was indexed, offset 1 never was -> committed position 1, no further.
+    assert kafka.committed_position(0) == 1
+    assert kafka.committed_position(1) == 5
+    assert "id-1" not in world.indexed
+
+
+def test_lost_partitions_are_dropped_without_commit() -> None:
+    world, kafka = setup(per_partition=5, partitions=2)
+    es = FakeES(world, verdict=lambda i, n: 429 if i == "id-6" else None)
+    consumer = sink(make_config(max_batches=0), kafka, es, FakeDLQ(world))
+    lost = threading.Event()
+
+    def lose_partition_1(k: FakeKafka) -> None:
+        if consumer.retried >= 1 and not lost.is_set():
+            lost.set()
+            k.callbacks["on_lost"](k, [TopicPartition(TOPIC, 1)])
+            del k.logs[1]
+
+    kafka.on_consume = lose_partition_1
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not lost.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    consumer.stop()
+    thread.join(5)
+    assert lost.is_set()
+    assert all(1 not in c for c in world.commits)
+    assert kafka.committed_position(0) == 5
+
+
+def test_bulk_concurrency_splits_the_batch() -> None:
+    world, kafka = setup(per_partition=20, partitions=1)
+    es = FakeES(world, verdict=lambda i, n: 429 if i == "id-15" and n == 1 else None)
+    consumer = sink(make_config(batch_size=20, bulk_concurrency=4), kafka, es, FakeDLQ(world))
+    assert consumer.run() == 0
+    assert consumer.indexed == 20
+    # 4 chunks for the batch + 1 retry of the single failed item.
+    assert es.requests == 5
+
+
+def test_consumer_config_semantics_cannot_be_overridden() -> None:
+    cfg = Config(kafka=KafkaConfig(client_overrides={"enable.auto.commit": "true",
+                                                     "fetch.min.bytes": "1"}),
+                 consumer=ConsumerConfig(session_timeout_ms=10000))
+    conf = consumer_config(cfg)
+    assert conf["enable.auto.commit"] is False
+    assert conf["enable.auto.offset.store"] is False
+    assert conf["partition.assignment.strategy"] == "cooperative-sticky"
+    assert conf["auto.offset.reset"] == "earliest"
+    assert conf["group.id"] == "elasticsearch-consumer-group"
+    assert conf["session.timeout.ms"] == 10000
+    assert conf["fetch.min.bytes"] == "1"
+    assert conf["enable.partition.eof"] is False
+
+
+@pytest.mark.parametrize("max_batches", [0, 3])
+def test_partition_eof_only_in_run_once_mode(max_batches: int) -> None:
+    cfg = Config(consumer=ConsumerConfig(max_batches=max_batches))
+    assert consumer_config(cfg)["enable.partition.eof"] is (max_batches > 0)
