@@ -7,7 +7,8 @@ committed past and it is retried.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,19 +54,35 @@ def fit_value(value: bytes | None, limit: int = MAX_DLQ_VALUE_BYTES,
 
 
 class DeadLetterQueue:
+    """``send()`` blocks until every letter is acknowledged or failed (at most
+    ``flush_timeout_s``), calling ``tick`` about once a second meanwhile (watchdog pings)."""
+
     def __init__(self, cfg: KafkaConfig, *, flush_timeout_s: float = 30.0,
-                 producer: Any = None) -> None:
+                 producer: Any = None, tick: Callable[[], None] | None = None) -> None:
         self._topic = cfg.dlq_topic
         self._flush_timeout_s = flush_timeout_s
+        self._tick = tick
         if producer is None:
             conf = {
                 "linger.ms": 5,
+                # A delivery gives up (and its message is retried by the consumer) instead of
+                # blocking the batch for librdkafka's default 5 minutes.
+                "message.timeout.ms": int(flush_timeout_s * 1000),
                 **client_config(cfg, "logpipe-dlq"),
                 "enable.idempotence": True,
                 "acks": "all",
             }
             producer = Producer(conf)
         self._producer = producer
+
+    def _flush(self, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = int(self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic()))))
+            if self._tick is not None:
+                self._tick()
+            if remaining == 0 or time.monotonic() >= deadline:
+                return remaining
 
     def send(self, letters: Sequence[DeadLetter], timeout_s: float | None = None) -> list[bool]:
         """Produce every letter and wait for the broker; per letter, True if acknowledged."""
@@ -89,7 +106,7 @@ class DeadLetterQueue:
                                        on_delivery=on_delivery(pos))
             except BufferError:
                 # Local queue full: let deliveries drain, then try once more.
-                self._producer.flush(self._flush_timeout_s)
+                self._flush(self._flush_timeout_s)
                 try:
                     self._producer.produce(self._topic, value=value, key=letter.key,
                                            headers=headers_for(letter) + extra,
@@ -99,8 +116,7 @@ class DeadLetterQueue:
                                 source_offset=letter.offset)
             except Exception as exc:  # KafkaException: message too large, unknown topic, ...
                 log.warning("dlq_produce_failed", error=str(exc), source_offset=letter.offset)
-        remaining = self._producer.flush(self._flush_timeout_s if timeout_s is None
-                                         else timeout_s)
+        remaining = self._flush(self._flush_timeout_s if timeout_s is None else timeout_s)
         if remaining:
             log.warning("dlq_flush_incomplete", outstanding=remaining)
         return acked

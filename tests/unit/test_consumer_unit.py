@@ -439,3 +439,90 @@ def test_consumer_config_semantics_cannot_be_overridden() -> None:
 def test_partition_eof_only_in_run_once_mode(max_batches: int) -> None:
     cfg = Config(consumer=ConsumerConfig(max_batches=max_batches))
     assert consumer_config(cfg)["enable.partition.eof"] is (max_batches > 0)
+
+
+# -- dead-letter producer ----------------------------------------------------------------------
+
+
+class FakeProducer:
+    """Calls delivery callbacks on flush(); `fail` lists source offsets whose delivery fails."""
+
+    def __init__(self, fail: set[int] | None = None, full_once: bool = False) -> None:
+        self.fail = fail or set()
+        self.full_once = full_once
+        self.pending: list[tuple[Callable[..., None], dict[str, Any]]] = []
+        self.produced: list[dict[str, Any]] = []
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None,
+                headers: list[tuple[str, bytes]], on_delivery: Callable[..., None]) -> None:
+        if self.full_once:
+            self.full_once = False
+            raise BufferError("Local: Queue full")
+        record = {"topic": topic, "value": value, "key": key, "headers": dict(headers)}
+        self.pending.append((on_delivery, record))
+
+    def flush(self, timeout: float) -> int:
+        for callback, record in self.pending:
+            offset = int(record["headers"]["logpipe.source.offset"])
+            err = KafkaError(KafkaError._MSG_TIMED_OUT) if offset in self.fail else None
+            callback(err, None)
+            if err is None:
+                self.produced.append(record)
+        self.pending.clear()
+        return 0
+
+
+def letter(offset: int, value: bytes | None = b"not json") -> DeadLetter:
+    return DeadLetter(TOPIC, 2, offset, b"k-%d" % offset, value, "not_json", "bad " * 500)
+
+
+def test_dlq_copy_keeps_key_value_and_source_headers() -> None:
+    from logpipe.dlq import DeadLetterQueue
+
+    producer = FakeProducer()
+    ticks: list[int] = []
+    dlq = DeadLetterQueue(KafkaConfig(dlq_topic="dead"), producer=producer,
+                          tick=lambda: ticks.append(1))
+    assert dlq.send([letter(41)]) == [True]
+    (record,) = producer.produced
+    assert record["topic"] == "dead"
+    assert record["key"] == b"k-41"
+    assert record["value"] == b"not json"
+    headers = record["headers"]
+    assert headers["logpipe.reason"] == b"not_json"
+    assert headers["logpipe.source.topic"] == TOPIC.encode()
+    assert headers["logpipe.source.partition"] == b"2"
+    assert headers["logpipe.source.offset"] == b"41"
+    assert len(headers["logpipe.error"]) <= 1000
+    assert ticks
+
+
+def test_dlq_failed_delivery_is_not_acknowledged() -> None:
+    from logpipe.dlq import DeadLetterQueue
+
+    dlq = DeadLetterQueue(KafkaConfig(), producer=FakeProducer(fail={2}))
+    assert dlq.send([letter(1), letter(2), letter(3)]) == [True, False, True]
+
+
+def test_dlq_full_local_queue_is_retried_once() -> None:
+    from logpipe.dlq import DeadLetterQueue
+
+    producer = FakeProducer(full_once=True)
+    dlq = DeadLetterQueue(KafkaConfig(), producer=producer)
+    assert dlq.send([letter(7)]) == [True]
+    assert len(producer.produced) == 1
+
+
+def test_oversized_dlq_copy_is_truncated_with_a_note() -> None:
+    from logpipe.dlq import DeadLetterQueue, fit_value
+
+    assert fit_value(b"abc", limit=3) == (b"abc", [])
+    assert fit_value(None, limit=3) == (None, [])
+    assert fit_value(b"abcdef", limit=4) == (b"abcd", [("logpipe.truncated_from", b"6")])
+    producer = FakeProducer()
+    dlq = DeadLetterQueue(KafkaConfig(), producer=producer)
+    assert dlq.send([letter(9, value=b"x" * 2_000_000)]) == [True]
+    (record,) = producer.produced
+    assert len(record["value"]) == 900_000
+    assert record["headers"]["logpipe.truncated_from"] == b"2000000"
+    assert record["headers"]["logpipe.source.offset"] == b"9"
