@@ -203,6 +203,10 @@ class SinkConsumer:
                 assert self._es is not None
                 # Not info()/ping(): `GET /` lives in a module minimal distributions leave out.
                 self._es.cluster.health()
+            except ApiError as exc:
+                # 403: the cluster answers but our (index-only) role may not read its health.
+                if exc.meta.status != 403:
+                    problems.append(f"elasticsearch: HTTP {exc.meta.status}: {exc.message}")
             except Exception as exc:
                 problems.append(f"elasticsearch: {type(exc).__name__}: {exc}")
             if not problems:
