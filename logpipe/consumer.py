@@ -116,7 +116,8 @@ class SinkConsumer:
         kcfg, ccfg = self.cfg.kafka, self.cfg.consumer
         try:
             self._open()
-        except ConfigError as exc:
+        except (ConfigError, KafkaException, ValueError) as exc:
+            # A missing secret file or a property librdkafka rejects (client_overrides).
             log.error("consumer_failed", error=str(exc))
             self._close()
             return 2

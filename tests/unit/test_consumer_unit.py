@@ -526,3 +526,8 @@ def test_oversized_dlq_copy_is_truncated_with_a_note() -> None:
     assert len(record["value"]) == 900_000
     assert record["headers"]["logpipe.truncated_from"] == b"2000000"
     assert record["headers"]["logpipe.source.offset"] == b"9"
+
+
+def test_bad_librdkafka_property_is_a_configuration_error() -> None:
+    cfg = Config(kafka=KafkaConfig(client_overrides={"no.such.property": "1"}))
+    assert SinkConsumer(cfg).run() == 2
