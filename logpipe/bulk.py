@@ -175,6 +175,29 @@ def build_body(docs: Sequence[Doc]) -> bytes:
     return b"".join(parts)
 
 
+def split_docs(docs: list[Doc], chunks: int, max_bytes: int) -> list[list[Doc]]:
+    """Split a batch into ``chunks`` contiguous parts of similar length (parallel requests),
+    cutting further wherever a part's sources would exceed ``max_bytes``. Order is kept."""
+    if not docs:
+        return [docs]
+    chunks = max(1, min(chunks, len(docs)))
+    size = -(-len(docs) // chunks)
+    parts: list[list[Doc]] = []
+    for start in range(0, len(docs), size):
+        current: list[Doc] = []
+        total = 0
+        for doc in docs[start:start + size]:
+            # +200 for the action line and newlines.
+            cost = len(doc.source) + 200
+            if current and total + cost > max_bytes:
+                parts.append(current)
+                current, total = [], 0
+            current.append(doc)
+            total += cost
+        parts.append(current)
+    return parts
+
+
 def error_text(error: object) -> str:
     """``type: reason (caused by: ...)`` from an item's error object, truncated."""
     if not isinstance(error, Mapping):

@@ -23,7 +23,16 @@ from elastic_transport import OrjsonSerializer
 from elasticsearch import ApiError, Elasticsearch, TransportError
 
 from logpipe import log, sdnotify
-from logpipe.bulk import BulkOutcome, Doc, Rejected, backoff_s, build_body, classify, make_doc
+from logpipe.bulk import (
+    BulkOutcome,
+    Doc,
+    Rejected,
+    backoff_s,
+    build_body,
+    classify,
+    make_doc,
+    split_docs,
+)
 from logpipe.bulk import now_iso as _now_iso
 from logpipe.config import Config, ConfigError
 from logpipe.dlq import DeadLetter, DeadLetterQueue
@@ -39,6 +48,9 @@ READY_MAX_BACKOFF_S = 10.0
 FETCH_SLICE_S = 0.1
 # A run-once invocation (timer) gives up if Kafka/Elasticsearch do not answer within this.
 RUN_ONCE_READY_TIMEOUT_S = 60.0
+# Elasticsearch refuses bodies over http.max_content_length (100 MiB by default) with 413,
+# which retrying cannot fix: big batches of big messages are sent in several requests.
+MAX_BULK_BYTES = 32 * 1024 * 1024
 # Only the fields classification needs: keeps the response small and cheap to parse.
 BULK_FILTER_PATH = "errors,items.*._id,items.*._index,items.*.status,items.*.error"
 
@@ -386,13 +398,16 @@ class SinkConsumer:
 
     def _bulk(self, docs: list[Doc]) -> BulkOutcome:
         chunks = self.cfg.consumer.bulk_concurrency
-        if self._pool is None or chunks <= 1 or len(docs) < 2 * chunks:
+        if self._pool is None or len(docs) < 2 * chunks:
+            chunks = 1  # not worth the thread hop for a handful of retries
+        parts = split_docs(docs, chunks, MAX_BULK_BYTES)
+        if len(parts) == 1:
             return self._bulk_chunk(docs)
-        size = -(-len(docs) // chunks)
-        parts = [docs[i:i + size] for i in range(0, len(docs), size)]
+        results = (self._pool.map(self._bulk_chunk, parts) if self._pool is not None
+                   else map(self._bulk_chunk, parts))
         merged = BulkOutcome()
         base = 0
-        for part, outcome in zip(parts, self._pool.map(self._bulk_chunk, parts), strict=True):
+        for part, outcome in zip(parts, results, strict=True):
             merged.created.extend(base + p for p in outcome.created)
             merged.already_present.extend(base + p for p in outcome.already_present)
             merged.retry.extend(base + p for p in outcome.retry)

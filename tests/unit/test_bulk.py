@@ -17,6 +17,7 @@ from logpipe.bulk import (
     classify_item,
     make_doc,
     now_iso,
+    split_docs,
     valid_timestamp,
 )
 
@@ -345,3 +346,35 @@ def test_backoff_grows_and_is_capped() -> None:
 def test_backoff_jitter_keeps_at_least_half() -> None:
     assert backoff_s(3, 0.5, 30.0, jitter=0.0) == 2.0
     assert 2.0 <= backoff_s(3, 0.5, 30.0, jitter=0.5) <= 4.0
+
+
+# -- split_docs ------------------------------------------------------------------------------
+
+
+def sized(n: int, size: int = 100) -> list[Doc]:
+    return [Doc(IDX, f"id-{i}", b"x" * size) for i in range(n)]
+
+
+def test_split_for_concurrency_keeps_order_and_everything() -> None:
+    docs = sized(10)
+    parts = split_docs(docs, 3, max_bytes=1 << 20)
+    assert [len(p) for p in parts] == [4, 4, 2]
+    assert [d for p in parts for d in p] == docs
+
+
+def test_split_by_bytes_bounds_each_request() -> None:
+    docs = sized(10, size=1000)
+    parts = split_docs(docs, 1, max_bytes=3 * 1200)
+    assert [len(p) for p in parts] == [3, 3, 3, 1]
+    assert [d for p in parts for d in p] == docs
+
+
+def test_split_never_leaves_an_oversized_doc_out() -> None:
+    docs = sized(2, size=10_000)
+    assert [len(p) for p in split_docs(docs, 1, max_bytes=100)] == [1, 1]
+
+
+def test_split_single_chunk_and_empty() -> None:
+    docs = sized(5)
+    assert split_docs(docs, 1, max_bytes=1 << 20) == [docs]
+    assert split_docs([], 4, max_bytes=100) == [[]]
