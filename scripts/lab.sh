@@ -169,17 +169,13 @@ wait_ssh() {
   die "cannot SSH to $1 ($(host_ip "$1")) from this machine: is the Docker bridge routed here?"
 }
 
-# Artifacts the roles install from this machine (no downloads on the hosts).
+# Artifacts the roles install from this machine (no downloads on the hosts). The logpipe role
+# builds its wheelhouse on this machine itself (scripts/build-wheelhouse.sh).
 ARTIFACT_KAFKA_DIR=""
 ARTIFACT_ES_ZIP=""
-ARTIFACT_WHEELHOUSE=""
 fetch_artifacts() {
   ARTIFACT_KAFKA_DIR=$("$TOP/scripts/fetch-kafka.sh")
   ARTIFACT_ES_ZIP=$("$TOP/scripts/fetch-elasticsearch.sh")
-  if [ -x "$TOP/scripts/build-wheelhouse.sh" ]; then
-    log "building the logpipe wheelhouse (scripts/build-wheelhouse.sh)"
-    ARTIFACT_WHEELHOUSE=$("$TOP/scripts/build-wheelhouse.sh" "$SUITE" | tail -n1)
-  fi
 }
 
 write_inventory() {
@@ -199,7 +195,6 @@ write_inventory() {
     echo "    # Artifacts on this machine (the lab downloads nothing on its hosts)."
     echo "    lab_kafka_dist_dir: $ARTIFACT_KAFKA_DIR"
     echo "    lab_elasticsearch_zip: $ARTIFACT_ES_ZIP"
-    echo "    lab_wheelhouse_dir: \"${ARTIFACT_WHEELHOUSE}\""
     echo "    lab_kibana_archive: \"${LOGPIPE_KIBANA_ARCHIVE:-}\""
     echo "  children:"
     for group in kafka_controller kafka_broker elasticsearch kibana logpipe; do
@@ -332,14 +327,10 @@ logpipe_cli() { lab_ssh "$(logpipe_host)" sudo logpipe "$@"; }
 
 # Total consumer lag from `logpipe status --json` ("?" when unknown).
 total_lag() {
-  logpipe_cli status --json 2>/dev/null | python3 -c '
-import json, sys
-s = json.load(sys.stdin)
-parts = s.get("partitions") or []
-lag = s.get("total_lag")
-if lag is None:
-    lag = sum(int(p.get("lag") or 0) for p in parts)
-print(lag)' 2>/dev/null || echo "?"
+  local out
+  out=$(logpipe_cli status --json 2>/dev/null || true)
+  python3 -c 'import json, sys; print(int(json.loads(sys.argv[1])["kafka"]["lag"]))' "$out" 2>/dev/null \
+    || echo "?"
 }
 
 show_summary() {
