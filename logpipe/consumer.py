@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -46,6 +46,8 @@ PAUSED_POLL_S = 0.2
 READY_MAX_BACKOFF_S = 10.0
 # Slice of the poll timeout spent in one consume() call while collecting a batch.
 FETCH_SLICE_S = 0.1
+# How often the main thread wakes up (watchdog, shutdown deadline) while a bulk request runs.
+WAIT_SLICE_S = 1.0
 # A run-once invocation (timer) gives up if Kafka/Elasticsearch do not answer within this.
 RUN_ONCE_READY_TIMEOUT_S = 60.0
 # Elasticsearch refuses bodies over http.max_content_length (100 MiB by default) with 413,
@@ -169,9 +171,7 @@ class SinkConsumer:
             self._es = make_es_client(self.cfg)
         if self._dlq is None:
             self._dlq = DeadLetterQueue(kcfg, tick=self._watchdog.ping)
-        if ccfg.bulk_concurrency > 1:
-            self._pool = ThreadPoolExecutor(ccfg.bulk_concurrency,
-                                            thread_name_prefix="logpipe-bulk")
+        self._pool = ThreadPoolExecutor(ccfg.bulk_concurrency, thread_name_prefix="logpipe-bulk")
 
     def _close(self) -> None:
         sdnotify.notify("STOPPING=1")
@@ -189,7 +189,9 @@ class SinkConsumer:
                 log.warning("consumer_close_failed", error=str(exc))
         undelivered = self._dlq.close() if self._dlq is not None else 0
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            # A request abandoned at the shutdown deadline finishes on its own (bounded by
+            # elasticsearch.request_timeout_s); its messages were not committed.
+            self._pool.shutdown(wait=False, cancel_futures=True)
         log.event("shutdown", left_for_redelivery=self.left_for_redelivery,
                   indexed=self.indexed, already_present=self.already_present,
                   dlq=self.dead_lettered, batches=self.batches,
@@ -397,17 +399,33 @@ class SinkConsumer:
     # -- Elasticsearch -----------------------------------------------------------------------
 
     def _bulk(self, docs: list[Doc]) -> BulkOutcome:
+        """Send ``docs`` (split for bulk_concurrency and the request size cap) and merge the
+        outcomes, positions relative to ``docs``.
+
+        Requests run on the pool even one at a time: the main thread keeps the systemd
+        watchdog fed while a slow request is within its own timeout, and can give up waiting
+        at the shutdown deadline (the abandoned documents count as not indexed).
+        """
+        assert self._pool is not None
         chunks = self.cfg.consumer.bulk_concurrency
-        if self._pool is None or len(docs) < 2 * chunks:
-            chunks = 1  # not worth the thread hop for a handful of retries
+        if len(docs) < 2 * chunks:
+            chunks = 1  # not worth splitting a handful of retries
         parts = split_docs(docs, chunks, MAX_BULK_BYTES)
-        if len(parts) == 1:
-            return self._bulk_chunk(docs)
-        results = (self._pool.map(self._bulk_chunk, parts) if self._pool is not None
-                   else map(self._bulk_chunk, parts))
+        futures = [self._pool.submit(self._bulk_chunk, part) for part in parts]
+        pending = set(futures)
+        while pending:
+            _done, pending = wait(pending, timeout=WAIT_SLICE_S)
+            self._watchdog.ping()
+            if pending and self._stop.is_set() and self._past_shutdown_deadline():
+                break
         merged = BulkOutcome()
         base = 0
-        for part, outcome in zip(parts, results, strict=True):
+        for part, future in zip(parts, futures, strict=True):
+            if future.done():
+                outcome = future.result()
+            else:
+                future.cancel()
+                outcome = BulkOutcome(retry=list(range(len(part))), retry_reason="shutdown")
             merged.created.extend(base + p for p in outcome.created)
             merged.already_present.extend(base + p for p in outcome.already_present)
             merged.retry.extend(base + p for p in outcome.retry)

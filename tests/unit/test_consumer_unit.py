@@ -531,3 +531,38 @@ def test_oversized_dlq_copy_is_truncated_with_a_note() -> None:
 def test_bad_librdkafka_property_is_a_configuration_error() -> None:
     cfg = Config(kafka=KafkaConfig(client_overrides={"no.such.property": "1"}))
     assert SinkConsumer(cfg).run() == 2
+
+
+class HangingES(FakeES):
+    """Every bulk request blocks until released (an Elasticsearch that stopped answering)."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world)
+        self.release = threading.Event()
+
+    def bulk(self, body: bytes, filter_path: str) -> FakeResponse:
+        self.release.wait(10)
+        return super().bulk(body, filter_path)
+
+
+def test_shutdown_deadline_abandons_a_hanging_bulk_request() -> None:
+    world, kafka = setup(per_partition=5, partitions=1)
+    es = HangingES(world)
+    consumer = sink(make_config(max_batches=0, shutdown_timeout_s=0.2), kafka, es,
+                    FakeDLQ(world))
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while kafka.next[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        started = time.monotonic()
+        consumer.stop()
+        thread.join(5)
+        assert not thread.is_alive()
+        assert time.monotonic() - started < 2.0
+        assert consumer.left_for_redelivery == 5
+        assert all(c.get(0, 0) == 0 for c in world.commits)
+    finally:
+        es.release.set()
