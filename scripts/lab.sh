@@ -15,6 +15,8 @@
 #   LOGPIPE_LAB_SUBNET      /24 for the lab network (default 172.30.99.0/24)
 #   LOGPIPE_LAB_SUITE       Debian suite of the base image: bookworm (default) or trixie
 #   LOGPIPE_KIBANA_ARCHIVE  a Kibana .tar.gz on this machine: adds host kibana-1 (otherwise skipped)
+#   LOGPIPE_ELASTICSEARCH_ARCHIVE  an Elasticsearch archive to use instead of the integ-test zip
+#                           (Kibana needs a full distribution)
 #   LOGPIPE_LAB_ANSIBLE_ARGS extra arguments for ansible-playbook (e.g. "-v" or "--diff")
 set -euo pipefail
 # shellcheck disable=SC1091  # versions.sh (pinned versions, LOGPIPE_TOP/LOGPIPE_CACHE) is checked on its own
@@ -175,7 +177,12 @@ ARTIFACT_KAFKA_DIR=""
 ARTIFACT_ES_ZIP=""
 fetch_artifacts() {
   ARTIFACT_KAFKA_DIR=$("$TOP/scripts/fetch-kafka.sh")
-  ARTIFACT_ES_ZIP=$("$TOP/scripts/fetch-elasticsearch.sh")
+  if [ -n "${LOGPIPE_ELASTICSEARCH_ARCHIVE:-}" ]; then
+    [ -s "$LOGPIPE_ELASTICSEARCH_ARCHIVE" ] || die "LOGPIPE_ELASTICSEARCH_ARCHIVE=$LOGPIPE_ELASTICSEARCH_ARCHIVE is not a file"
+    ARTIFACT_ES_ZIP=$LOGPIPE_ELASTICSEARCH_ARCHIVE
+  else
+    ARTIFACT_ES_ZIP=$("$TOP/scripts/fetch-elasticsearch.sh")
+  fi
 }
 
 write_inventory() {
@@ -192,6 +199,8 @@ write_inventory() {
     echo "    ansible_python_interpreter: /usr/bin/python3"
     echo "    ansible_ssh_private_key_file: $KEY"
     echo "    ansible_ssh_common_args: \"-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null\""
+    echo "    # Lab state on this machine (key, generated Kibana encryption keys)."
+    echo "    lab_state_dir: $STATE"
     echo "    # Artifacts on this machine (the lab downloads nothing on its hosts)."
     echo "    lab_kafka_dist_dir: $ARTIFACT_KAFKA_DIR"
     echo "    lab_elasticsearch_zip: $ARTIFACT_ES_ZIP"
