@@ -1,0 +1,307 @@
+"""``logpipe`` command line: argparse front end over the config object and the modules.
+
+Flags override the config file through ``Config.replace`` (validated like the file). Exit codes:
+0 success, 1 runtime failure, 2 bad usage or bad configuration (``check`` uses Nagios codes).
+Heavy modules are imported inside each command so ``--help`` and ``config show`` stay fast and
+work even on a host where a client library is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from logpipe import __version__, config, log
+from logpipe.config import Config, ConfigError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS defaults: the option works before or after the subcommand without the
+    # subcommand's default overwriting a value given earlier.
+    p.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                   help="config file (default: $LOGPIPE_CONFIG, else /etc/logpipe/logpipe.toml)")
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   type=str.upper, default=argparse.SUPPRESS,
+                   help="override logging.level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logpipe",
+        description="Web-log pipeline: Faker producer -> Kafka -> consumer -> Elasticsearch.")
+    parser.add_argument("--version", action="version", version=f"logpipe {__version__}")
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(p)
+        return p
+
+    p = command("produce", "Generate fake access logs and send them to the Kafka topic. "
+                           "Exit 1 if any message was not delivered.")
+    p.add_argument("--count", type=int, metavar="N",
+                   help="messages to send (one-shot mode; default producer.count)")
+    p.add_argument("--rate", type=float, metavar="R",
+                   help="load mode: messages per second (0 = as fast as possible)")
+    p.add_argument("--duration", type=float, metavar="S",
+                   help="load mode: seconds to run (with --rate: sends rate x duration)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="reproduce log content (ids are always new)")
+
+    p = command("bootstrap", "Idempotently create/grow the Kafka topics and set up the "
+                             "Elasticsearch index template, today's index and the alias.")
+    p.add_argument("--prune", action="store_true",
+                   help="also delete daily indices older than elasticsearch.retention_days")
+    p.add_argument("--only", choices=("kafka", "elasticsearch"),
+                   help="set up only one side")
+    p.add_argument("--wait", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for Kafka/Elasticsearch to answer (default 60)")
+
+    p = command("prune", "Delete daily indices older than elasticsearch.retention_days "
+                         "(only names <index>-YYYY.MM.DD).")
+    p.add_argument("--retention-days", type=int, metavar="N",
+                   help="override elasticsearch.retention_days (0 keeps everything)")
+    p.add_argument("--wait", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for Elasticsearch to answer (default 60)")
+
+    p = command("consume", "Consume the topic into Elasticsearch (service, or run-once with "
+                           "--max-batches).")
+    p.add_argument("--max-batches", type=int, metavar="N",
+                   help="stop after N batches (0 = run until stopped)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="messages per bulk batch")
+    p.add_argument("--daemon", action="store_true",
+                   help="detach into the background (hosts without systemd)")
+    p.add_argument("--pidfile", metavar="PATH",
+                   help="with --daemon: PID lock file (required with --daemon)")
+    p.add_argument("--log-file", metavar="PATH",
+                   help="with --daemon: append logs here (a daemon has no stderr)")
+
+    p = command("status", "Per-partition end/committed offsets and lag, DLQ size, "
+                          "Elasticsearch document count and newest indexed_at.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("check", "Nagios-style check: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.")
+    p.add_argument("--lag-warning", type=int, metavar="N", help="override check.lag_warning")
+    p.add_argument("--lag-critical", "--max-lag", type=int, metavar="N",
+                   dest="lag_critical", help="override check.lag_critical")
+    p.add_argument("--error-rate-warning", type=float, metavar="F",
+                   help="override check.error_rate_warning (fraction, e.g. 0.01)")
+    p.add_argument("--error-rate-critical", type=float, metavar="F",
+                   help="override check.error_rate_critical")
+    p.add_argument("--index-size-warning", type=int, metavar="BYTES",
+                   dest="index_size_warning_bytes", help="override check.index_size_warning_bytes")
+    p.add_argument("--index-size-critical", type=int, metavar="BYTES",
+                   dest="index_size_critical_bytes",
+                   help="override check.index_size_critical_bytes")
+
+    p = command("config", "Configuration tools.")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = csub.add_parser("show", help="print the effective config, secrets masked",
+                           description="Print the effective config (file + LOGPIPE_* "
+                                       "environment), secrets masked.")
+    _add_common(show)
+    show.add_argument("--format", choices=("toml", "json"), default="toml",
+                      help="output format (default toml)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# TOML output (tomllib only reads)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def to_toml(data: dict[str, dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for section, values in data.items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} is unset")  # TOML has no null
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.event("stop_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def cmd_produce(cfg: Config, args: argparse.Namespace) -> int:
+    values = _overrides(args, ("count", "rate", "seed"))
+    if args.duration is not None:
+        values["duration_s"] = args.duration
+    if values:
+        cfg = cfg.replace("producer", **values)
+    from logpipe import producer
+
+    return producer.run(cfg, stop=_stop_on_signals())
+
+
+def cmd_bootstrap(cfg: Config, args: argparse.Namespace) -> int:
+    from logpipe import admin
+
+    return admin.run(cfg, only=args.only, do_prune=args.prune, wait_timeout_s=args.wait)
+
+
+def cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
+    if args.retention_days is not None:
+        cfg = cfg.replace("elasticsearch", retention_days=args.retention_days)
+    from logpipe import admin
+
+    return admin.run_prune(cfg, wait_timeout_s=args.wait)
+
+
+def cmd_consume(cfg: Config, args: argparse.Namespace) -> int:
+    values = _overrides(args, ("max_batches", "batch_size"))
+    if values:
+        cfg = cfg.replace("consumer", **values)
+    if args.pidfile and not args.daemon:
+        raise _UsageError("--pidfile needs --daemon")
+    from logpipe import consumer  # lazily: written separately, heavy imports
+
+    if not args.daemon:
+        return consumer.run(cfg)
+    if not args.pidfile:
+        raise _UsageError("--daemon needs --pidfile PATH")
+    return _run_daemon(cfg, Path(args.pidfile), args.log_file, consumer.run)
+
+
+def _run_daemon(cfg: Config, pidfile: Path, log_file: str | None, run: Any) -> int:
+    import daemon
+    import daemon.pidfile
+
+    # The daemon changes to /: resolve paths first.
+    lock = daemon.pidfile.PIDLockFile(str(pidfile.resolve()))
+    pid = lock.read_pid()
+    if pid is not None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.warning("stale_pidfile_removed", pidfile=str(pidfile), pid=pid)
+            lock.break_lock()
+        except PermissionError:
+            pass  # alive, owned by someone else
+        else:
+            print(f"logpipe: already running with pid {pid} ({pidfile})", file=sys.stderr)
+            return 1
+    stream = Path(log_file).resolve().open("a", buffering=1) if log_file else None
+    # No SIGTERM entry: python-daemon's default maps it to SystemExit (and None would mean
+    # ignore it). The consumer installs its own SIGTERM handler inside run(), after this
+    # context is entered, so a stop still finishes the batch and commits.
+    context = daemon.DaemonContext(
+        pidfile=lock, stdout=stream, stderr=stream, umask=0o022,
+        signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
+    )
+    with context:
+        log.setup(cfg.logging.level)  # stderr is now the log file (or /dev/null)
+        log.event("daemon_started", pid=os.getpid(), pidfile=str(pidfile))
+        code: int = run(cfg)
+        return code
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    from logpipe import ops
+
+    code, text = ops.status_command(cfg, as_json=args.json)
+    print(text)
+    return code
+
+
+def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    values = _overrides(args, ("lag_warning", "lag_critical", "error_rate_warning",
+                               "error_rate_critical", "index_size_warning_bytes",
+                               "index_size_critical_bytes"))
+    if values:
+        cfg = cfg.replace("check", **values)
+    from logpipe import ops
+
+    code, line = ops.check_command(cfg)
+    print(line)
+    return code
+
+
+def cmd_config(cfg: Config, args: argparse.Namespace) -> int:
+    data = config.masked(cfg)
+    if args.format == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        sys.stdout.write(to_toml(data))
+    return 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+COMMANDS = {
+    "produce": cmd_produce, "bootstrap": cmd_bootstrap, "prune": cmd_prune,
+    "consume": cmd_consume, "status": cmd_status, "check": cmd_check, "config": cmd_config,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(getattr(args, "config", None))
+        level = getattr(args, "log_level", None)
+        if level:
+            cfg = cfg.replace("logging", level=level)
+    except ConfigError as exc:
+        print(f"logpipe: config error: {exc}", file=sys.stderr)
+        return 2
+    log.setup(cfg.logging.level)
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except ConfigError as exc:
+        print(f"logpipe: config error: {exc}", file=sys.stderr)
+        return 2
+    except _UsageError as exc:
+        parser.error(str(exc))  # exits 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
