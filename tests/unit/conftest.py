@@ -1,0 +1,14 @@
+"""Unit tests never see the developer's LOGPIPE_* environment or /etc/logpipe."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _clean_logpipe_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("LOGPIPE_"):
+            monkeypatch.delenv(name)
