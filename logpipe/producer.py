@@ -142,8 +142,12 @@ def produce(cfg: Config, count: int, rate: float = 0, duration: float = 0,
             n = chunk
         if target is not None:
             n = min(n, target - produced)
+        send = producer.produce
         for key, value in generator.messages(n):
-            _send(producer, topic, key, value, delivery)
+            try:
+                send(topic, value=value, key=key, on_delivery=delivery)
+            except BufferError:
+                _send(producer, topic, key, value, delivery)
         produced += n
         producer.poll(0)
 
