@@ -16,16 +16,15 @@ from harness.servers import ElasticsearchNode, KafkaCluster
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: long-running integration test (tens of seconds or more)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _INTEGRATION_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.integration)
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    # Figures of this run only (the summary below prints them).
-    if not hasattr(session.config, "workerinput") and FIGURES_FILE.exists():
-        FIGURES_FILE.unlink()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -39,6 +38,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         fig = json.loads(line)
         test = fig.pop("test")
         terminalreporter.write_line(f"{test}: " + ", ".join(f"{k}={v}" for k, v in fig.items()))
+    FIGURES_FILE.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

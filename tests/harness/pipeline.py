@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .servers import _QUIET_RDKAFKA, REPO, RUN_ROOT, ElasticsearchNode, KafkaCluster
+from .servers import QUIET_RDKAFKA, REPO, RUN_ROOT, ElasticsearchNode, KafkaCluster
 
-FIGURES_FILE = RUN_ROOT / "integration-figures.jsonl"
+# Per pytest process: other people's sessions run in the same tree at the same time.
+FIGURES_FILE = RUN_ROOT / f"figures-{os.getpid()}.jsonl"
 # Runs the CLI exactly like the `logpipe` console script does, without depending on the
 # entry-point wrapper having been (re)installed.
 _CLI = "import sys; from logpipe.cli import main; sys.exit(main(sys.argv[1:]))"
+# Developer override: another `python -c` program to run as the CLI (debugging the harness).
+_CLI = os.environ.get("LOGPIPE_TEST_CLI_PROGRAM", _CLI)
 
 
 def record(test: str, **figures: Any) -> None:
@@ -74,7 +77,8 @@ class Completed:
         return parse_events(self.stderr, name)
 
     def describe(self) -> str:
-        return (f"`{' '.join(self.argv[3:])}` exited {self.returncode} after {self.seconds:.1f}s"
+        return (f"`logpipe {' '.join(self.argv[3:])}` exited {self.returncode} "
+                f"after {self.seconds:.1f}s"
                 f"\n--- stdout (tail):\n{self.stdout[-3000:]}\n--- stderr (tail):\n"
                 f"{self.stderr[-6000:]}")
 
@@ -119,6 +123,7 @@ class Pipeline:
         self.config_path = self.workdir / "logpipe.toml"
         self.write_config()
         self._es: Any = None
+        self._admin: Any = None
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -182,7 +187,8 @@ class Pipeline:
         return env
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-c", _CLI, "--config", str(self.config_path), *args]
+        # The config file reaches the CLI through LOGPIPE_CONFIG (see env()).
+        return [sys.executable, "-c", _CLI, *args]
 
     def cli(self, *args: str, timeout: float = 300.0, check: bool = True,
             env: Mapping[str, str] | None = None) -> Completed:
@@ -246,12 +252,19 @@ class Pipeline:
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
-            "logger": _QUIET_RDKAFKA,
+            "logger": QUIET_RDKAFKA,
         })
+
+    @property
+    def admin(self) -> Any:
+        """One AdminClient kept alive (its futures never resolve once the client is gone)."""
+        if self._admin is None:
+            self._admin = self.kafka.admin()
+        return self._admin
 
     def partition_ids(self, topic: str | None = None) -> list[int]:
         topic = topic or self.topic
-        md = self.kafka.admin().list_topics(topic, timeout=10)
+        md = self.admin.list_topics(topic, timeout=10)
         info = md.topics.get(topic)
         assert info is not None and info.error is None, f"topic {topic} missing: {info}"
         return sorted(info.partitions)
@@ -273,10 +286,21 @@ class Pipeline:
 
         group = group or self.group_id
         tps = [TopicPartition(self.topic, p) for p in self.partition_ids()]
-        fut = self.kafka.admin().list_consumer_group_offsets(
+        fut = self.admin.list_consumer_group_offsets(
             [ConsumerGroupTopicPartitions(group, tps)])
         out = fut[group].result(timeout=15)
         return {tp.partition: tp.offset for tp in out.topic_partitions}
+
+    def reset_group(self, offset: int = 0) -> None:
+        """Move the (empty) group's committed offsets of the main topic back to ``offset``."""
+        from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+
+        tps = [TopicPartition(self.topic, p, offset) for p in self.partition_ids()]
+        fut = self.admin.alter_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(self.group_id, tps)])
+        fut[self.group_id].result(timeout=30)
+        after = self.committed()
+        assert all(v == offset for v in after.values()), f"reset to {offset} failed: {after}"
 
     def read_topic(self, topic: str | None = None) -> list[Message]:
         """Every message of the topic, from the start to the current end (one pass)."""
@@ -361,6 +385,16 @@ class Pipeline:
                                                     "size": 1000}}})
         return {b["key"]: b["doc_count"] for b in r["aggregations"]["dups"]["buckets"]}
 
+    def compare(self, expected: Iterable[str]) -> Comparison:
+        """Elasticsearch's ids against the ids that should be there (exactly once each)."""
+        ids = self.es_ids()
+        want = set(expected)
+        have = Counter(ids)
+        return Comparison(
+            expected=len(want), documents=len(ids),
+            missing=sorted(want - set(have)), unexpected=sorted(set(have) - want),
+            duplicates={k: n for k, n in have.items() if n > 1})
+
     def wait_doc_count(self, expected: int, timeout: float = 120.0) -> int:
         deadline = time.monotonic() + timeout
         n = -1
@@ -383,6 +417,25 @@ class Pipeline:
         assert not missing, (f"{len(missing)} message(s) below the committed offsets "
                              f"{committed} are not in Elasticsearch, e.g. {missing[:5]}")
         return committed
+
+
+@dataclass
+class Comparison:
+    expected: int
+    documents: int
+    missing: list[str]
+    unexpected: list[str]
+    duplicates: dict[str, int]
+
+    @property
+    def exact(self) -> bool:
+        return not self.missing and not self.unexpected and not self.duplicates
+
+    def describe(self) -> str:
+        return (f"expected {self.expected} ids, Elasticsearch holds {self.documents} documents: "
+                f"{len(self.missing)} missing (e.g. {self.missing[:3]}), "
+                f"{len(self.unexpected)} unexpected (e.g. {self.unexpected[:3]}), "
+                f"{len(self.duplicates)} duplicated (e.g. {list(self.duplicates.items())[:3]})")
 
 
 @dataclass

@@ -53,9 +53,9 @@ STOP_TIMEOUT_S = 60.0
 
 
 # librdkafka's "Connection refused" lines while a server boots are expected, not news.
-_QUIET_RDKAFKA = logging.getLogger("harness.rdkafka")
-_QUIET_RDKAFKA.addHandler(logging.NullHandler())
-_QUIET_RDKAFKA.propagate = False
+QUIET_RDKAFKA = logging.getLogger("harness.rdkafka")
+QUIET_RDKAFKA.addHandler(logging.NullHandler())
+QUIET_RDKAFKA.propagate = False
 
 
 class HarnessError(RuntimeError):
@@ -436,7 +436,7 @@ class KafkaCluster:
         from confluent_kafka.admin import AdminClient
 
         return AdminClient({"bootstrap.servers": self.bootstrap_servers,
-                            "logger": _QUIET_RDKAFKA, "reconnect.backoff.max.ms": 500,
+                            "logger": QUIET_RDKAFKA, "reconnect.backoff.max.ms": 500,
                             **conf})
 
     def wait_ready(self, expected_brokers: int, timeout: float = KAFKA_START_TIMEOUT_S) -> None:
@@ -520,7 +520,7 @@ class KafkaCluster:
         deadline = time.monotonic() + timeout
         _wait_port(b.port, deadline, self._check_alive)
         admin = AdminClient({"bootstrap.servers": f"{LOOPBACK}:{b.port}",
-                             "logger": _QUIET_RDKAFKA, "reconnect.backoff.max.ms": 500})
+                             "logger": QUIET_RDKAFKA, "reconnect.backoff.max.ms": 500})
         last = "no answer yet"
         while time.monotonic() < deadline:
             self._check_alive()

@@ -7,8 +7,7 @@ import uuid
 
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import NewTopic
-
-from harness.servers import ElasticsearchNode, KafkaCluster
+from harness.servers import QUIET_RDKAFKA, ElasticsearchNode, KafkaCluster
 
 
 def test_kafka_produce_and_consume(kafka: KafkaCluster) -> None:
@@ -16,14 +15,16 @@ def test_kafka_produce_and_consume(kafka: KafkaCluster) -> None:
     admin = kafka.admin()
     admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(timeout=30)
     sent = {f"k{i}": f"v{i}" for i in range(20)}
-    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "acks": "all"})
+    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "acks": "all",
+                         "logger": QUIET_RDKAFKA})
     for k, v in sent.items():
         producer.produce(topic, key=k, value=v)
     assert producer.flush(30) == 0, "messages still queued after flush"
 
     consumer = Consumer({"bootstrap.servers": kafka.bootstrap_servers,
                          "group.id": f"smoke-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                         "logger": QUIET_RDKAFKA})
     got: dict[str, str] = {}
     try:
         consumer.subscribe([topic])
