@@ -37,7 +37,8 @@ def _run(name: str) -> None:
     print(f"molecule scenario={name} rc={proc.returncode} seconds={elapsed:.0f} log={log}")
     if proc.returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-80:])
-        pytest.fail(f"molecule test -s {name} failed (rc={proc.returncode}); tail of {log}:\n{tail}")
+        pytest.fail(f"molecule test -s {name} failed (rc={proc.returncode}); "
+                    f"tail of {log}:\n{tail}")
 
 
 @pytest.mark.molecule
