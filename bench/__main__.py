@@ -1,0 +1,215 @@
+"""``python -m bench``: run every benchmark once, print the table, write the report files.
+
+    python -m bench                 # the recorded run (make bench), ~8 min on 2 cores
+    python -m bench --quick         # small sizes for iterating (numbers are noisier)
+    python -m bench --profile       # also py-spy profiles of the consumer and the producer
+    python -m bench --no-write      # print only; keep docs/BENCHMARKS.md and results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import core, measure, report
+from bench.core import BenchPipeline, log, new_name
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes (iteration, not records)")
+    p.add_argument("--producer-msgs", type=int, help="messages per producer run")
+    p.add_argument("--consumer-docs", type=int, help="backlog the consumer drains")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--bulk-concurrency", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2, help="consumer runs (each between ceilings)")
+    p.add_argument("--latency-rate", type=float, default=1000.0)
+    p.add_argument("--latency-duration", type=float, help="seconds of paced production")
+    p.add_argument("--profile", action="store_true", help="py-spy the consumer and producer")
+    p.add_argument("--skip", action="append", default=[],
+                   choices=["producer", "consumer", "seed", "latency"])
+    p.add_argument("--no-write", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    quick = args.quick
+    producer_msgs = args.producer_msgs or (30_000 if quick else 100_000)
+    latency_duration = args.latency_duration or (20.0 if quick else 45.0)
+    began = time.monotonic()
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    load_before = measure.loadavg()
+    command = "make bench" if argv is None and len(sys.argv) == 1 else \
+        "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    results: dict[str, Any] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=core.REPO / ".cache"))
+    with core.servers(brokers=1) as (kafka, es):
+        log(f"servers up: kafka {kafka.bootstrap_servers}, es {es.url}")
+        pipe = BenchPipeline(kafka, es, workdir, "bench", partitions=6)
+        # The package defaults for what matters here (shards, refresh, batch, prefetch), the
+        # harness's names and addresses. One node: replicas could not be allocated anyway.
+        pipe.write_config(
+            elasticsearch={"shards": 2, "replicas": 0, "refresh_interval": "1s"},
+            producer={"linger_ms": 20},
+            consumer={"batch_size": args.batch_size, "bulk_concurrency": args.bulk_concurrency,
+                      "poll_timeout_s": 1.0, "session_timeout_ms": 45000})
+        cfg = pipe.config()
+        measure.ensure_topic(cfg, pipe.topic)
+        es_pgid = es._proc.pid if es._proc is not None else None
+        versions = report.versions(es.url)
+        results["settings"] = {
+            "batch_size": args.batch_size, "bulk_concurrency": args.bulk_concurrency,
+            "partitions": cfg.kafka.partitions, "shards": cfg.elasticsearch.shards,
+            "replicas": cfg.elasticsearch.replicas,
+            "refresh_interval": cfg.elasticsearch.refresh_interval,
+            "compression": cfg.producer.compression, "linger_ms": cfg.producer.linger_ms}
+
+        # -- producer ------------------------------------------------------------------------
+        if "producer" not in args.skip:
+            log(f"producer: {producer_msgs:,} messages per run, ceiling and real alternating")
+            pf = measure.producer_bench(cfg, producer_msgs)
+            results["producer"] = dataclasses.asdict(pf)
+            if args.profile:
+                results["producer"]["profile"] = profile_producer(pipe, workdir, producer_msgs)
+        else:
+            measure.produce(cfg, producer_msgs)
+
+        # -- consumer vs. raw _bulk ----------------------------------------------------------
+        messages = measure.read_messages(kafka.bootstrap_servers, pipe.topic,
+                                         limit=args.consumer_docs)
+        backlog = len(messages)
+        if "consumer" not in args.skip:
+            log(f"consumer: backlog {backlog:,} messages")
+            results["consumer"] = consumer_bench(pipe, cfg, messages, es_pgid, args)
+            if args.profile:
+                prof = workdir / "consumer.pyspy.txt"
+                pf2 = measure.run_consumer(
+                    pipe, group=new_name("bench-prof"), index=new_name("bench-prof"),
+                    expected=backlog, es_pgid=es_pgid, profile_to=prof,
+                    batch_size=args.batch_size, bulk_concurrency=args.bulk_concurrency)
+                results["consumer"]["profile"] = pf2.profile
+                results["consumer"]["profiled_docs_per_s"] = pf2.steady_docs_per_s
+        del messages
+
+        # -- the seed's design ----------------------------------------------------------------
+        if "seed" not in args.skip:
+            seed_index = new_name("bench-seed")
+            measure.ensure_index_template(cfg, seed_index)
+            sf = measure.run_seed_design(pipe, group=new_name("bench-seed"), index=seed_index)
+            log(f"seed design: {sf.docs} docs in {sf.run_s:.1f}s -> {sf.docs_per_s:.1f} docs/s")
+            results["seed"] = dataclasses.asdict(sf)
+
+        # -- end-to-end latency --------------------------------------------------------------
+        if "latency" not in args.skip:
+            lat_topic, lat_index = new_name("bench-lat"), new_name("bench-lat")
+            measure.ensure_topic(cfg, lat_topic)
+            measure.ensure_index_template(cfg, lat_index)
+            log(f"latency: {args.latency_rate:.0f} logs/s for {latency_duration:.0f}s")
+            lf = measure.run_latency(pipe, cfg, topic=lat_topic, group=new_name("bench-lat"),
+                                     index=lat_index, rate=args.latency_rate,
+                                     duration=latency_duration)
+            log(f"latency: p50 {lf.p50_s:.3f}s p99 {lf.p99_s:.3f}s ({lf.samples} samples)")
+            results["latency"] = dataclasses.asdict(lf)
+
+    results["meta"] = {
+        "date": started_at, "command": command, "seconds": round(time.monotonic() - began, 1),
+        "loadavg_before": load_before, "loadavg_after": measure.loadavg(),
+        "machine": report.machine(), "versions": versions, "python": platform.python_version(),
+        "quick": quick, "workdir": str(workdir)}
+    flat = report.flatten(results)
+    print(report.table(flat, results))
+    if not args.no_write:
+        (core.REPO / "bench" / "results.json").write_text(
+            json.dumps({**flat, "details": results}, indent=2, sort_keys=True, default=str)
+            + "\n")
+        report.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", flat, results)
+        log("wrote bench/results.json and docs/BENCHMARKS.md")
+    return 0
+
+
+def consumer_bench(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, bytes]],
+                   es_pgid: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm-up, ceiling, the real consumer, ceiling again (the ceiling is the better one)."""
+    port = pipe.es_node.http_port
+    bs, conc = args.batch_size, args.bulk_concurrency
+    warm = new_name("bench-warm")
+    measure.ensure_index_template(cfg, warm)
+    measure.bulk_ceiling(port, measure.build_bodies(messages[:20_000], warm, bs, conc), es_pgid)
+    ceilings: list[dict[str, Any]] = []
+    consumers: list[dict[str, Any]] = []
+
+    def ceiling() -> None:
+        index = new_name("bench-ceil")
+        measure.ensure_index_template(cfg, index)
+        bodies = measure.build_bodies(messages, index, bs, conc)
+        bf = measure.bulk_ceiling(port, bodies, es_pgid)
+        count = measure.es_count(port, f"{index}-*")
+        log(f"bulk ceiling: {bf.docs_per_s:,.0f} docs/s ({bf.docs} docs, {bf.errors} errors, "
+            f"{count} in ES)")
+        ceilings.append({**dataclasses.asdict(bf), "docs_per_s": bf.docs_per_s,
+                         "es_count": count})
+
+    def consumer() -> None:
+        index = new_name("bench-cons")
+        measure.ensure_index_template(cfg, index)
+        cf = measure.run_consumer(pipe, group=new_name("bench-cons"), index=index,
+                                  expected=len(messages), es_pgid=es_pgid,
+                                  batch_size=bs, bulk_concurrency=conc)
+        count = measure.es_count(port, f"{index}-*")
+        log(f"consumer: {cf.steady_docs_per_s:,.0f} docs/s steady ({cf.wall_docs_per_s:,.0f} "
+            f"with start-up), VmHWM {cf.hwm_mib:.1f} MiB, {count} in ES")
+        consumers.append({**dataclasses.asdict(cf), "es_count": count})
+
+    # ceiling, (consumer, ceiling) x rounds: each consumer run is compared with the mean of the
+    # ceiling runs just before and after it (the machine's load drifts).
+    ceiling()
+    for _ in range(args.rounds):
+        consumer()
+        ceiling()
+    ratios = [c["steady_docs_per_s"] / ((ceilings[i]["docs_per_s"]
+                                         + ceilings[i + 1]["docs_per_s"]) / 2)
+              for i, c in enumerate(consumers)]
+    return {
+        "consumer_runs": consumers, "ceilings": ceilings, "ratios": ratios,
+        "ratio": sum(ratios) / len(ratios),
+        "steady_docs_per_s": sum(c["steady_docs_per_s"] for c in consumers) / len(consumers),
+        "wall_docs_per_s": sum(c["wall_docs_per_s"] for c in consumers) / len(consumers),
+        "ceiling_docs_per_s": sum(c["docs_per_s"] for c in ceilings) / len(ceilings),
+        "hwm_mib": max(c["hwm_mib"] for c in consumers),
+        "docs": consumers[0]["docs"],
+        "cpu_s": sum(c["cpu_s"] for c in consumers) / len(consumers),
+        "es_cpu_s": sum(c["es_cpu_s"] for c in consumers) / len(consumers),
+        "batches": consumers[0]["batches"],
+        "batch_seconds_p50": consumers[0]["batch_seconds_p50"],
+    }
+
+
+def profile_producer(pipe: BenchPipeline, workdir: Path, count: int) -> dict[str, Any]:
+    """py-spy over ``logpipe produce --count N`` in a subprocess."""
+    import subprocess
+
+    from bench.profiling import summarize
+
+    out = workdir / "producer.pyspy.txt"
+    proc = subprocess.Popen(pipe.argv("produce", "--count", str(count)), env=pipe.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=pipe.workdir)
+    spy = measure.start_py_spy(proc.pid, out)
+    proc.wait(timeout=600)
+    if spy is not None:
+        spy.wait(timeout=60)
+    return summarize(out) if out.exists() else {}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

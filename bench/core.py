@@ -1,0 +1,152 @@
+"""Servers (the test harness's), the per-run pipeline, and small process helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+_TESTS = REPO / "tests"
+if str(_TESTS) not in sys.path:
+    # The harness is imported as the top-level package ``harness``, exactly like tests/conftest.py
+    # sees it, so the chaos suite and the benchmarks share one copy of it.
+    sys.path.insert(0, str(_TESTS))
+
+from harness.pipeline import Pipeline, Spawned, parse_events  # noqa: E402
+from harness.servers import ElasticsearchNode, KafkaCluster  # noqa: E402
+
+__all__ = ["BenchPipeline", "ElasticsearchNode", "KafkaCluster", "Spawned", "parse_events",
+           "servers", "vm_status_kib"]
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def servers(brokers: int = 1) -> Iterator[tuple[KafkaCluster, ElasticsearchNode]]:
+    """Kafka and Elasticsearch from the harness, started in parallel (both take a while)."""
+    made: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def start(name: str, factory: Any) -> None:
+        try:
+            made[name] = factory()
+        except BaseException as exc:  # re-raised below in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=("kafka", lambda: KafkaCluster(brokers))),
+               threading.Thread(target=start, args=("es", ElasticsearchNode))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield made["kafka"], made["es"]
+    finally:
+        for name in ("es", "kafka"):
+            if name in made:
+                with contextlib.suppress(Exception):
+                    made[name].close()
+
+
+@dataclass
+class BenchPipeline(Pipeline):
+    """The harness pipeline (the CLI as a subprocess, names, config) plus per-run overrides."""
+
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = super().env({**self.extra_env, **(extra or {})})
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def consumer_env(self, group: str | None = None, index: str | None = None,
+                     **consumer: Any) -> dict[str, str]:
+        """Environment overrides for one consumer run: its own group id / index prefix and
+        consumer settings (``LOGPIPE_CONSUMER_BATCH_SIZE`` ...)."""
+        env: dict[str, str] = {}
+        if group:
+            env["LOGPIPE_KAFKA_GROUP_ID"] = group
+        if index:
+            env["LOGPIPE_ELASTICSEARCH_INDEX"] = index
+        for key, value in consumer.items():
+            env[f"LOGPIPE_CONSUMER_{key.upper()}"] = str(value)
+        return env
+
+
+def new_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def vm_status_kib(pid: int) -> dict[str, int]:
+    """``VmHWM``, ``VmRSS`` ... from /proc/<pid>/status, in KiB ({} once the process is gone)."""
+    out: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if line.startswith("Vm") and line.endswith("kB"):
+            name, _, rest = line.partition(":")
+            with contextlib.suppress(ValueError):
+                out[name] = int(rest.split()[0])
+    return out
+
+
+class HwmSampler:
+    """Polls a process's VmHWM/VmRSS in a thread (the figures vanish with the process)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.2) -> None:
+        self.pid = pid
+        self.hwm_kib = 0
+        self.rss_max_kib = 0
+        self._stop = threading.Event()
+        self._interval = interval_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self._interval)
+
+    def sample(self) -> None:
+        st = vm_status_kib(self.pid)
+        self.hwm_kib = max(self.hwm_kib, st.get("VmHWM", 0))
+        self.rss_max_kib = max(self.rss_max_kib, st.get("VmRSS", 0))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def terminate(spawned: Spawned, timeout: float = 30.0) -> int | None:
+    """SIGTERM the process (graceful: finish batch, commit, leave group); SIGKILL if it hangs."""
+    if spawned.proc.poll() is not None:
+        return spawned.proc.returncode
+    spawned.signal(signal.SIGTERM)
+    code = spawned.wait(timeout)
+    if code is None:
+        spawned.kill()
+    return code
+
+
+def run_cli(pipeline: BenchPipeline, *args: str, env: Mapping[str, str] | None = None,
+            timeout: float = 600.0) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run one CLI command to completion; (result, wall seconds)."""
+    began = time.monotonic()
+    proc = subprocess.run(pipeline.argv(*args), capture_output=True, text=True, timeout=timeout,
+                          env=pipeline.env(env), cwd=pipeline.workdir, check=False)
+    return proc, time.monotonic() - began

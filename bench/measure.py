@@ -1,0 +1,572 @@
+"""The measurements: each returns plain figures; bench/__main__.py orders them and reports."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+
+from bench.core import BenchPipeline, HwmSampler, Spawned, log, parse_events, terminate
+from logpipe import admin
+from logpipe.config import Config
+from logpipe.generator import LogGenerator
+from logpipe.producer import produce, producer_config
+
+# ---------------------------------------------------------------------------------------------
+# process accounting
+
+
+def _clock_ticks() -> int:
+    return int(os.sysconf("SC_CLK_TCK"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), 0 when gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _clock_ticks()
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds of every live process in a process group (the ES launcher + its JVM)."""
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / _clock_ticks()
+    return total
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def parse_ts(ts: str) -> float:
+    """``2026-11-24T17:01:02.123Z`` -> epoch seconds."""
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def uuid7_ms(log_id: str) -> int:
+    """The Unix milliseconds a UUIDv7 was made at (its first 48 bits)."""
+    return int(log_id.replace("-", "")[:12], 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# producer
+
+
+@dataclass
+class ProducerFigures:
+    ceiling_msgs_per_s: float
+    real_logs_per_s: float
+    generate_only_logs_per_s: float
+    ceiling_runs: list[float]
+    real_runs: list[float]
+    messages_per_run: int
+    avg_message_bytes: float
+
+
+def produce_prebuilt(cfg: Config, messages: Sequence[tuple[bytes, bytes]]) -> float:
+    """The ceiling: pre-built (key, value) pairs through confluent-kafka with the producer's own
+    settings, in the tightest loop (queue-full -> poll), flushed; delivered messages/s."""
+    delivered = [0]
+    failed = [0]
+
+    def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+        if err is None:
+            delivered[0] += 1
+        else:
+            failed[0] += 1
+
+    producer = Producer(producer_config(cfg))
+    topic = cfg.kafka.topic
+    send = producer.produce
+    poll = producer.poll
+    started = time.monotonic()
+    for i, (key, value) in enumerate(messages):
+        while True:
+            try:
+                send(topic, value, key, on_delivery=on_delivery)
+                break
+            except BufferError:
+                poll(0.05)
+        if i % 1000 == 999:
+            poll(0)
+    remaining = producer.flush(60)
+    elapsed = time.monotonic() - started
+    if remaining or failed[0]:
+        raise RuntimeError(f"ceiling producer: {remaining} queued, {failed[0]} failed")
+    return delivered[0] / elapsed
+
+
+def producer_bench(cfg: Config, count: int, rounds: int = 2) -> ProducerFigures:
+    """Alternate ceiling and real producer runs of ``count`` messages; best of each."""
+    gen = LogGenerator(seed=7)
+    t0 = time.monotonic()
+    sample = gen.messages(min(count, 50_000))
+    gen_rate = len(sample) / (time.monotonic() - t0)
+    avg_bytes = sum(len(v) for _, v in sample) / len(sample)
+    ceiling_runs: list[float] = []
+    real_runs: list[float] = []
+    # Warm-up: the first idempotent producer on a new cluster waits for the coordinator to load.
+    produce_prebuilt(cfg, sample[:1000])
+    for r in range(rounds):
+        # Fresh messages every round: log_id is the document id, re-sending ids would make
+        # the consumer's backlog part duplicates.
+        prebuilt = gen.messages(count)
+        ceiling_runs.append(produce_prebuilt(cfg, prebuilt))
+        del prebuilt
+        log(f"producer ceiling round {r + 1}: {ceiling_runs[-1]:,.0f} msgs/s")
+        result = produce(cfg, count, seed=r)
+        if not result.ok:
+            raise RuntimeError(f"real producer lost messages: {result}")
+        real_runs.append(result.rate)
+        log(f"producer (real) round {r + 1}: {real_runs[-1]:,.0f} logs/s")
+    return ProducerFigures(max(ceiling_runs), max(real_runs), gen_rate, ceiling_runs, real_runs,
+                           count, avg_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# raw _bulk ceiling
+
+
+def now_iso() -> str:
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def build_bodies(messages: Sequence[tuple[bytes, bytes]], index_prefix: str, batch_size: int,
+                 concurrency: int) -> list[list[bytes]]:
+    """The consumer's requests, pre-built: per batch, ``concurrency`` contiguous NDJSON bodies of
+    ``create`` actions with ``_id`` = key into the event's daily index, ``indexed_at`` added."""
+    suffix = b',"indexed_at":"' + now_iso().encode() + b'"}\n'
+    prefix = index_prefix.encode()
+    batches: list[list[bytes]] = []
+    for start in range(0, len(messages), batch_size):
+        batch = messages[start:start + batch_size]
+        chunks = concurrency if len(batch) >= 2 * concurrency else 1
+        size = -(-len(batch) // chunks)
+        bodies = []
+        for c in range(0, len(batch), size):
+            parts: list[bytes] = []
+            for key, value in batch[c:c + size]:
+                ts = value.index(b'"timestamp":"') + 13
+                day = value[ts:ts + 4] + b"." + value[ts + 5:ts + 7] + b"." + value[ts + 8:ts + 10]
+                parts.append(b'{"create":{"_index":"' + prefix + b"-" + day + b'","_id":"' + key
+                             + b'"}}\n' + value[:value.rindex(b"}")] + suffix)
+            bodies.append(b"".join(parts))
+        batches.append(bodies)
+    return batches
+
+
+@dataclass
+class BulkFigures:
+    docs: int
+    seconds: float
+    errors: int
+    es_cpu_s: float
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs / self.seconds
+
+
+class _Poster:
+    """One persistent HTTP/1.1 connection posting NDJSON bodies to /_bulk."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.errors = 0
+
+    def post(self, body: bytes) -> None:
+        self.conn.request("POST", "/_bulk?filter_path=errors", body,
+                          {"Content-Type": "application/x-ndjson"})
+        resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.status != 200 or b'"errors":false' not in data:
+            self.errors += 1
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def bulk_ceiling(port: int, batches: list[list[bytes]], es_pgid: int | None) -> BulkFigures:
+    """Post pre-built batches; within a batch its bodies go in parallel (one connection each),
+    the next batch starts when all are answered (like the consumer's bulk_concurrency)."""
+    width = max(len(b) for b in batches)
+    posters = [_Poster(port) for _ in range(width)]
+    docs = sum(body.count(b"\n") for batch in batches for body in batch) // 2
+    cpu0 = group_cpu_seconds(es_pgid) if es_pgid else 0.0
+    started = time.monotonic()
+    if width == 1:
+        post = posters[0].post
+        for batch in batches:
+            post(batch[0])
+    else:
+        with ThreadPoolExecutor(width) as pool:
+            for batch in batches:
+                list(pool.map(lambda pb: pb[0].post(pb[1]), zip(posters, batch, strict=False)))
+    elapsed = time.monotonic() - started
+    cpu = (group_cpu_seconds(es_pgid) - cpu0) if es_pgid else 0.0
+    for p in posters:
+        p.close()
+    return BulkFigures(docs, elapsed, sum(p.errors for p in posters), cpu)
+
+
+def ensure_index_template(cfg: Config, index_prefix: str) -> None:
+    """The package's own index template (mapping, shards, replicas, refresh) for a prefix."""
+    from logpipe.es import make_client
+
+    escfg = cfg.replace("elasticsearch", index=index_prefix).elasticsearch
+    es = make_client(escfg)
+    try:
+        # What `logpipe bootstrap` does for Elasticsearch: the template, then today's index.
+        admin.ensure_template(es, escfg)
+        admin.ensure_today_index(es, escfg)
+    finally:
+        es.close()
+
+
+def ensure_topic(cfg: Config, topic: str) -> None:
+    kcfg = cfg.replace("kafka", topic=topic, dlq_topic=f"{topic}.dlq").kafka
+    admin.bootstrap_kafka(kcfg)
+
+
+def read_messages(bootstrap: str, topic: str, limit: int | None = None,
+                  ) -> list[tuple[bytes, bytes]]:
+    """(key, value) of every message in ``topic`` (one pass to the end offsets)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-read-{time.time_ns()}",
+                  "enable.auto.commit": False, "enable.partition.eof": True})
+    try:
+        md = c.list_topics(topic, timeout=10)
+        parts = sorted(md.topics[topic].partitions)
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in parts}
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        pending = {p for p, e in ends.items() if e > 0}
+        out: list[tuple[bytes, bytes]] = []
+        deadline = time.monotonic() + 300
+        while pending and time.monotonic() < deadline:
+            for msg in c.consume(5000, 1.0):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(msg.partition())
+                    continue
+                if msg.offset() < ends[msg.partition()]:
+                    out.append((msg.key(), msg.value()))
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    pending.discard(msg.partition())
+            if limit is not None and len(out) >= limit:
+                break
+        return out[:limit] if limit is not None else out
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the real consumer
+
+
+@dataclass
+class ConsumerFigures:
+    docs: int
+    steady_docs_per_s: float  # between the first and the last batch_committed line
+    wall_docs_per_s: float  # process start -> all docs committed (start-up included)
+    hwm_mib: float
+    rss_max_mib: float
+    cpu_s: float
+    es_cpu_s: float
+    batches: int
+    batch_seconds_p50: float
+    log_path: str
+    profile: dict[str, Any] = field(default_factory=dict)
+
+
+def run_consumer(pipeline: BenchPipeline, *, group: str, index: str, expected: int,
+                 es_pgid: int | None, timeout: float = 600.0, topic: str | None = None,
+                 profile_to: Path | None = None, **settings: Any) -> ConsumerFigures:
+    """``logpipe consume`` (service mode) as a subprocess over a backlog of ``expected`` messages;
+    stopped with SIGTERM once every one is committed. VmHWM is read from /proc before that."""
+    env = pipeline.consumer_env(group=group, index=index, **settings)
+    if topic:
+        env["LOGPIPE_KAFKA_TOPIC"] = topic
+        env["LOGPIPE_KAFKA_DLQ_TOPIC"] = f"{topic}.dlq"
+    es_cpu0 = group_cpu_seconds(es_pgid) if es_pgid else 0.0
+    began = time.monotonic()
+    spawned = pipeline.spawn("consume", env=env, log_name=f"consume-{index}")
+    sampler = HwmSampler(spawned.pid)
+    spy: subprocess.Popen[bytes] | None = None
+    if profile_to is not None:
+        spy = start_py_spy(spawned.pid, profile_to)
+    done = 0
+    cpu = 0.0
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if spawned.proc.poll() is not None:
+                raise RuntimeError(f"consumer exited {spawned.proc.returncode}:\n"
+                                   f"{spawned.log()[-3000:]}")
+            events = spawned.events("batch_committed")
+            done = sum(int(e.get("docs", 0)) - int(e.get("dlq", 0)) for e in events)
+            if done >= expected:
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"consumer committed {done} of {expected} in {timeout:.0f}s")
+        wall = time.monotonic() - began
+        sampler.sample()
+        cpu = cpu_seconds(spawned.pid)
+    finally:
+        if spy is not None:
+            stop_py_spy(spy)
+        sampler.stop()
+        terminate(spawned)
+    es_cpu = (group_cpu_seconds(es_pgid) - es_cpu0) if es_pgid else 0.0
+    events = spawned.events("batch_committed")
+    stamps = [parse_ts(e["ts"]) for e in events]
+    steady_docs = sum(int(e["docs"]) for e in events[1:])
+    span = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
+    figures = ConsumerFigures(
+        docs=done, steady_docs_per_s=steady_docs / span if span > 0 else float("nan"),
+        wall_docs_per_s=done / wall, hwm_mib=sampler.hwm_kib / 1024,
+        rss_max_mib=sampler.rss_max_kib / 1024, cpu_s=cpu, es_cpu_s=es_cpu,
+        batches=len(events),
+        batch_seconds_p50=statistics.median(float(e["seconds"]) for e in events),
+        log_path=str(spawned.log_path))
+    if profile_to is not None and profile_to.exists():
+        from bench.profiling import summarize
+
+        figures.profile = summarize(profile_to)
+    return figures
+
+
+def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    import sys
+
+    exe = Path(sys.executable).parent / "py-spy"
+    if not exe.exists():
+        import shutil
+
+        found = shutil.which("py-spy")
+        if not found:
+            log("py-spy not installed: no profile")
+            return None
+        exe = Path(found)
+    return subprocess.Popen([str(exe), "record", "--pid", str(pid), "--rate", "200",
+                             "--format", "raw", "--threads", "--idle", "--nonblocking",
+                             "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# the seed's design: a timer-driven run-once consumer
+
+
+@dataclass
+class SeedFigures:
+    docs: int
+    run_s: float
+    per_minute_docs: int
+    docs_per_s: float  # per-minute capacity / 60
+    back_to_back_docs_per_s: float
+
+
+def run_seed_design(pipeline: BenchPipeline, *, group: str, index: str) -> SeedFigures:
+    """One ``logpipe consume --max-batches 5 --batch-size 500`` run over a backlog."""
+    from bench.core import run_cli
+
+    env = pipeline.consumer_env(group=group, index=index)
+    proc, seconds = run_cli(pipeline, "consume", "--max-batches", "5", "--batch-size", "500",
+                            env=env, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"seed-design consume exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    docs = sum(int(e.get("docs", 0)) for e in parse_events(proc.stderr, "batch_committed"))
+    # A timer fires it once a minute; a run longer than that would make the next one late.
+    per_minute = docs if seconds <= 60 else int(docs * 60 / seconds)
+    return SeedFigures(docs, seconds, per_minute, per_minute / 60, docs / seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# end-to-end latency
+
+
+@dataclass
+class LatencyFigures:
+    rate: float
+    duration_s: float
+    produced: int
+    samples: int
+    not_seen: int
+    p50_s: float
+    p90_s: float
+    p99_s: float
+    max_s: float
+    indexed_p50_s: float  # produce -> the consumer's indexed_at stamp (batch start)
+    indexed_p99_s: float
+    poll_interval_s: float
+    refresh_interval: str
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+class _VisibilityPoller:
+    """Finds when sampled ids become searchable: an ``ids`` query for the pending sample every
+    ``interval`` seconds; a hit's visible time is the answer's arrival (an upper bound, at most
+    one interval + one round trip late)."""
+
+    def __init__(self, port: int, index_pattern: str, interval: float) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.path = f"/{index_pattern}/_search?filter_path=hits.hits._id,hits.hits._source"
+        self.interval = interval
+        self.pending: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.seen: list[tuple[int, float, float]] = []  # produce ms, indexed_at s, visible s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def add(self, ids: Sequence[str]) -> None:
+        with self.lock:
+            for i in ids:
+                self.pending[i] = uuid7_ms(i)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            with self.lock:
+                ids = list(self.pending)[:5000]
+            if ids:
+                body = orjson.dumps({"size": len(ids), "query": {"ids": {"values": ids}},
+                                     "_source": ["indexed_at"]})
+                self.conn.request("POST", self.path, body, {"Content-Type": "application/json"})
+                data = self.conn.getresponse().read()
+                visible = time.time()
+                hits = orjson.loads(data).get("hits", {}).get("hits", [])
+                with self.lock:
+                    for h in hits:
+                        produced = self.pending.pop(h["_id"], None)
+                        if produced is not None:
+                            self.seen.append((produced, parse_ts(h["_source"]["indexed_at"]),
+                                              visible))
+            self.stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
+
+
+def run_latency(pipeline: BenchPipeline, cfg: Config, *, topic: str, group: str, index: str,
+                rate: float, duration: float, warmup: float = 5.0, sample_every: int = 32,
+                poll_interval: float = 0.05, **settings: Any) -> LatencyFigures:
+    """The real producer at ``rate`` logs/s (subprocess, rate mode) into an empty topic while a
+    consumer (service mode) runs; sampled ids are followed from the topic to the search."""
+    env = pipeline.consumer_env(group=group, index=index, **settings)
+    env["LOGPIPE_KAFKA_TOPIC"] = topic
+    env["LOGPIPE_KAFKA_DLQ_TOPIC"] = f"{topic}.dlq"
+    consumer = pipeline.spawn("consume", env=env, log_name=f"consume-latency-{index}")
+    tail = Consumer({"bootstrap.servers": cfg.kafka.bootstrap_servers,
+                     "group.id": f"bench-tail-{time.time_ns()}", "enable.auto.commit": False,
+                     "fetch.wait.max.ms": 10})
+    poller = _VisibilityPoller(pipeline.es_node.http_port, f"{index}-*", poll_interval)
+    producer: subprocess.Popen[str] | None = None
+    produced = 0
+    try:
+        consumer.wait_for_event("ready", timeout=120)
+        wait_assigned(consumer, cfg.kafka.partitions, timeout=60)
+        parts = sorted(tail.list_topics(topic, timeout=10).topics[topic].partitions)
+        tail.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        poller.thread.start()
+        start_wall = time.time()
+        producer = subprocess.Popen(
+            pipeline.argv("produce", "--rate", str(rate), "--duration", str(duration)),
+            env=pipeline.env({"LOGPIPE_KAFKA_TOPIC": topic,
+                              "LOGPIPE_KAFKA_DLQ_TOPIC": f"{topic}.dlq"}),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=pipeline.workdir)
+        deadline = time.monotonic() + duration + 60
+        while time.monotonic() < deadline:
+            msgs = tail.consume(2000, 0.05)
+            keys = [m.key().decode() for m in msgs if m.error() is None and m.key()]
+            produced += len(keys)
+            poller.add([k for k in keys if int(k[-2:], 16) % sample_every == 0])
+            if producer.poll() is not None and not msgs:
+                break
+        _out, err = producer.communicate(timeout=60)
+        if producer.returncode != 0:
+            raise RuntimeError(f"producer exited {producer.returncode}: {err[-2000:]}")
+        # Let the last samples become visible (bounded).
+        end = time.monotonic() + 20
+        while poller.pending and time.monotonic() < end:
+            time.sleep(0.1)
+    finally:
+        poller.stop.set()
+        if producer is not None and producer.poll() is None:
+            producer.kill()
+        tail.close()
+        terminate(consumer)
+    cutoff_ms = (start_wall + warmup) * 1000
+    kept = [s for s in poller.seen if s[0] >= cutoff_ms]
+    lat = [vis - p / 1000 for p, _ia, vis in kept]
+    idx = [ia - p / 1000 for p, ia, _vis in kept]
+    return LatencyFigures(
+        rate=rate, duration_s=duration, produced=produced, samples=len(lat),
+        not_seen=len(poller.pending), p50_s=_pct(lat, 0.5), p90_s=_pct(lat, 0.9),
+        p99_s=_pct(lat, 0.99), max_s=max(lat) if lat else float("nan"),
+        indexed_p50_s=_pct(idx, 0.5), indexed_p99_s=_pct(idx, 0.99),
+        poll_interval_s=poll_interval, refresh_interval=cfg.elasticsearch.refresh_interval)
+
+
+def wait_assigned(spawned: Spawned, partitions: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        evs = spawned.events("assigned")
+        if evs and int(evs[-1].get("owned", 0)) >= partitions:
+            return
+        if spawned.proc.poll() is not None:
+            raise RuntimeError(f"consumer exited: {spawned.log()[-2000:]}")
+        time.sleep(0.1)
+    raise RuntimeError(f"consumer not assigned {partitions} partitions in {timeout:.0f}s")
+
+
+def es_count(port: int, pattern: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", f"/{pattern}/_refresh")
+        conn.getresponse().read()
+        conn.request("GET", f"/{pattern}/_count")
+        return int(orjson.loads(conn.getresponse().read())["count"])
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
