@@ -113,6 +113,8 @@ ensure_network() {
 
 # Start (or reuse) one host container with the systemd flags measured in
 # /work/shared/notes/molecule-on-these-machines.md (privileged mode does not work on these machines).
+# /tmp is exec like on a stock Debian host: Docker's tmpfs default (noexec) breaks JNI libraries
+# Java unpacks there (Kafka's zstd-jni: "failed to map segment from shared object").
 ensure_container() {
   local host=$1 ip=$2 image=$3 name state
   name=$(container "$host")
@@ -127,7 +129,7 @@ ensure_container() {
     --network "$NET" --ip "$ip" --network-alias "$host" \
     --cap-add SYS_ADMIN --cap-add NET_ADMIN --security-opt seccomp=unconfined \
     --cgroupns host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
-    --tmpfs /run --tmpfs /run/lock --tmpfs /tmp \
+    --tmpfs /run --tmpfs /run/lock --tmpfs /tmp:exec,mode=1777 \
     --stop-signal SIGRTMIN+3 -e container=docker \
     "$image" /lib/systemd/systemd >/dev/null
 }
@@ -355,7 +357,8 @@ show_summary() {
   echo "Documents in Elasticsearch ($ES_ALIAS): before=$before, after producing: $after1 -> $after2 (5 s later)"
   echo
   echo "Consumer lag (logpipe status on $(logpipe_host)):"
-  logpipe_cli status || echo "  (logpipe status failed)"
+  # stderr carries librdkafka's connection errors when a broker is down: keep the table readable.
+  logpipe_cli status 2>/dev/null || echo "  (logpipe status reported an error: make lab-shell HOST=$(logpipe_host), then sudo logpipe status)"
 }
 
 cmd_status() {
