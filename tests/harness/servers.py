@@ -363,7 +363,11 @@ class KafkaCluster:
         self._write_configs()
         self._format()
         if start:
-            self.start_all()
+            try:
+                self.start_all()
+            except BaseException:
+                self._stop_nodes()  # leave nothing running; keep the directory to look at
+                raise
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -421,6 +425,11 @@ class KafkaCluster:
         return b.proc is not None and b.proc.running
 
     def close(self) -> None:
+        self._stop_nodes()
+        if os.environ.get("LOGPIPE_KEEP_RUN_DIRS") != "1":
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _stop_nodes(self) -> None:
         # Brokers first (controlled shutdown needs the controller), then the controller.
         for node in sorted(self._nodes, key=lambda n: n.is_controller and not n.is_broker):
             node.wanted = False
@@ -429,8 +438,6 @@ class KafkaCluster:
                     node.proc.stop(timeout=30)
                 except Exception as exc:  # keep closing the others
                     _log(f"kafka: stopping node {node.node_id} failed: {exc}")
-        if os.environ.get("LOGPIPE_KEEP_RUN_DIRS") != "1":
-            shutil.rmtree(self.root, ignore_errors=True)
 
     def admin(self, **conf: Any) -> Any:
         from confluent_kafka.admin import AdminClient
@@ -657,7 +664,11 @@ class ElasticsearchNode:
                       *self.conf.rglob("*")):
                 os.chown(p, uid, gid)
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.stop(timeout=10)  # leave nothing running; keep the directory to look at
+                raise
 
     @property
     def url(self) -> str:

@@ -6,8 +6,8 @@ the server (thread pool stats) and in the consumer (retry log lines); otherwise 
 
 from __future__ import annotations
 
+import contextlib
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,10 +36,12 @@ def _write_rejections(es: Any) -> int:
 
 
 class Flood:
-    """Threads sending small bulk requests to another index as fast as they can."""
+    """Threads sending small bulk requests to another index, paced so the consumer still gets a
+    share of the one write thread (an unpaced flood starves it: that is a different test)."""
 
-    def __init__(self, node: ElasticsearchNode, threads: int = 3) -> None:
+    def __init__(self, node: ElasticsearchNode, threads: int = 2, pause_s: float = 0.05) -> None:
         self.node = node
+        self.pause_s = pause_s
         self.stop = threading.Event()
         self.sent = 0
         self.rejected_items = 0
@@ -49,8 +51,8 @@ class Flood:
     def _run(self) -> None:
         es = self.node.client()
         body: list[dict[str, Any]] = []
-        for i in range(200):
-            body += [{"index": {"_index": self.index}}, {"n": i, "pad": "x" * 200}]
+        for i in range(50):
+            body += [{"index": {"_index": self.index, "_id": str(i)}}, {"n": i}]
         while not self.stop.is_set():
             try:
                 r = es.bulk(operations=body)
@@ -58,7 +60,8 @@ class Flood:
                 self.rejected_items += sum(1 for it in r["items"]
                                            if it["index"].get("status") == 429)
             except Exception:
-                time.sleep(0.05)  # a whole-request 429 or a hiccup: keep flooding
+                pass  # a whole-request 429 or a hiccup: keep flooding
+            self.stop.wait(self.pause_s)
         es.close()
 
     def __enter__(self) -> Flood:
@@ -83,15 +86,24 @@ def test_per_item_429s_are_retried_not_lost(kafka: KafkaCluster, tiny_es: Elasti
     keys = p.topic_keys()
     es = tiny_es.client()
     before = _write_rejections(es)
-    with Flood(tiny_es) as flood:
-        run = p.consume_all(batch_size=1000, timeout=400)
+    consumer = p.spawn("consume", "--max-batches", "1000", "--batch-size", "1000",
+                       log_name="consume-429")
+    try:
+        # Flood until the consumer itself has been pushed back a few times, at most 60 s.
+        with Flood(tiny_es) as flood, contextlib.suppress(AssertionError):
+            consumer.wait_for_event("bulk_retry", timeout=60, count=3)
+        code = consumer.wait(300)
+    finally:
+        consumer.kill()
     rejected = _write_rejections(es) - before
+    es.indices.delete(index=flood.index, ignore_unavailable=True)
     es.close()
+    assert code == 0, f"consumer exit code {code}:\n{consumer.log()[-4000:]}"
 
-    retries = run.events("bulk_retry")
+    retries = consumer.events("bulk_retry")
     retried_items = sum(int(e.get("items", "0") or 0) for e in retries)
     reasons = sorted({e.get("reason", "") for e in retries})
-    committed = run.events("batch_committed")
+    committed = consumer.events("batch_committed")
     dlq = p.read_topic(p.dlq_topic)
     cmp = p.compare(keys)
     record("per_item_429", documents=cmp.documents, expected=len(keys),
@@ -101,7 +113,7 @@ def test_per_item_429s_are_retried_not_lost(kafka: KafkaCluster, tiny_es: Elasti
            batches=len(committed), missing=len(cmp.missing), duplicates=len(cmp.duplicates))
     assert rejected > 0, "Elasticsearch rejected nothing: the test did not create back-pressure"
     assert retries, ("Elasticsearch rejected writes but the consumer logged no bulk_retry: "
-                     "were its own requests ever rejected?\n" + run.stderr[-3000:])
+                     "were its own requests ever rejected?\n" + consumer.log()[-3000:])
     assert any("rejected" in r or "429" in r for r in reasons), (
         f"retries happened but not for rejections (reasons {reasons})")
     assert not dlq, f"{len(dlq)} rejected-then-retriable messages were dead-lettered"
