@@ -31,10 +31,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--consumer-docs", type=int, help="backlog the consumer drains")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--bulk-concurrency", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=2, help="consumer runs (each between ceilings)")
+    p.add_argument("--rounds", type=int, default=3, help="consumer runs (each between ceilings)")
     p.add_argument("--latency-rate", type=float, default=1000.0)
     p.add_argument("--latency-duration", type=float, help="seconds of paced production")
     p.add_argument("--profile", action="store_true", help="py-spy the consumer and producer")
+    p.add_argument("--sweep", action="store_true",
+                   help="only the consumer-vs-ceiling comparison over several settings "
+                        "(batch size, bulk concurrency, consumers, refresh interval, "
+                        "streaming_bulk); writes bench/sweep.json")
     p.add_argument("--skip", action="append", default=[],
                    choices=["producer", "consumer", "seed", "latency"])
     p.add_argument("--no-write", action="store_true")
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     quick = args.quick
     producer_msgs = args.producer_msgs or (30_000 if quick else 100_000)
+    consumer_docs = args.consumer_docs or (30_000 if quick else 100_000)
     latency_duration = args.latency_duration or (20.0 if quick else 45.0)
     began = time.monotonic()
     started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -81,31 +86,49 @@ def main(argv: list[str] | None = None) -> int:
             results["producer"] = dataclasses.asdict(pf)
             if args.profile:
                 results["producer"]["profile"] = profile_producer(pipe, workdir, producer_msgs)
-        else:
-            measure.produce(cfg, producer_msgs)
 
         # -- consumer vs. raw _bulk ----------------------------------------------------------
-        messages = measure.read_messages(kafka.bootstrap_servers, pipe.topic,
-                                         limit=args.consumer_docs)
+        # Its own topic, filled by the real producer, read back: the ceiling posts exactly the
+        # documents the consumer indexes.
+        backlog_topic = new_name("bench-backlog")
+        measure.ensure_topic(cfg, backlog_topic)
+        bcfg = cfg.replace("kafka", topic=backlog_topic, dlq_topic=f"{backlog_topic}.dlq")
+        measure.produce(bcfg, consumer_docs, seed=11)
+        messages = measure.read_messages(kafka.bootstrap_servers, backlog_topic)
         backlog = len(messages)
+        if args.sweep:
+            results["sweep"] = sweep(pipe, cfg, messages, es_pgid, backlog_topic)
+            (core.REPO / "bench" / "sweep.json").write_text(
+                json.dumps(results["sweep"], indent=2, default=str) + "\n")
+            for row in results["sweep"]:
+                log(f"sweep {row['setting']}: consumer {row['consumer_docs_per_s']:,.0f} "
+                    f"ceiling {row['ceiling_docs_per_s']:,.0f} ratio {row['ratio']:.2f} "
+                    f"VmHWM {row.get('hwm_mib', 0):.0f} MiB")
+            return 0
         if "consumer" not in args.skip:
-            log(f"consumer: backlog {backlog:,} messages")
-            results["consumer"] = consumer_bench(pipe, cfg, messages, es_pgid, args)
+            log(f"consumer: backlog {backlog:,} messages, {args.rounds} round(s)")
+            results["consumer"] = consumer_bench(pipe, cfg, messages, es_pgid, args,
+                                                 backlog_topic)
             if args.profile:
-                prof = workdir / "consumer.pyspy.txt"
-                pf2 = measure.run_consumer(
-                    pipe, group=new_name("bench-prof"), index=new_name("bench-prof"),
-                    expected=backlog, es_pgid=es_pgid, profile_to=prof,
-                    batch_size=args.batch_size, bulk_concurrency=args.bulk_concurrency)
-                results["consumer"]["profile"] = pf2.profile
-                results["consumer"]["profiled_docs_per_s"] = pf2.steady_docs_per_s
+                results["consumer"]["profile"] = {}
+                for kind in ("wall", "cpu"):
+                    prof = workdir / f"consumer-{kind}.pyspy.txt"
+                    pf2 = measure.run_consumer(
+                        pipe, group=new_name("bench-prof"), index=new_name("bench-prof"),
+                        expected=backlog, es_pgid=es_pgid, profile_to=prof,
+                        profile_idle=kind == "wall", topic=backlog_topic,
+                        batch_size=args.batch_size, bulk_concurrency=args.bulk_concurrency)
+                    results["consumer"]["profile"][kind] = pf2.profile
+                    results["consumer"][f"profiled_{kind}_docs_per_s"] = pf2.steady_docs_per_s
+                    log(f"profile ({kind}) written: {prof}")
         del messages
 
         # -- the seed's design ----------------------------------------------------------------
         if "seed" not in args.skip:
             seed_index = new_name("bench-seed")
             measure.ensure_index_template(cfg, seed_index)
-            sf = measure.run_seed_design(pipe, group=new_name("bench-seed"), index=seed_index)
+            sf = measure.run_seed_design(pipe, group=new_name("bench-seed"), index=seed_index,
+                                         topic=backlog_topic)
             log(f"seed design: {sf.docs} docs in {sf.run_s:.1f}s -> {sf.docs_per_s:.1f} docs/s")
             results["seed"] = dataclasses.asdict(sf)
 
@@ -138,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def consumer_bench(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, bytes]],
-                   es_pgid: int | None, args: argparse.Namespace) -> dict[str, Any]:
+                   es_pgid: int | None, args: argparse.Namespace, topic: str) -> dict[str, Any]:
     """Warm-up, ceiling, the real consumer, ceiling again (the ceiling is the better one)."""
     port = pipe.es_node.http_port
     bs, conc = args.batch_size, args.bulk_concurrency
@@ -163,7 +186,7 @@ def consumer_bench(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, by
         index = new_name("bench-cons")
         measure.ensure_index_template(cfg, index)
         cf = measure.run_consumer(pipe, group=new_name("bench-cons"), index=index,
-                                  expected=len(messages), es_pgid=es_pgid,
+                                  expected=len(messages), es_pgid=es_pgid, topic=topic,
                                   batch_size=bs, bulk_concurrency=conc)
         count = measure.es_count(port, f"{index}-*")
         log(f"consumer: {cf.steady_docs_per_s:,.0f} docs/s steady ({cf.wall_docs_per_s:,.0f} "
@@ -192,6 +215,58 @@ def consumer_bench(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, by
         "batches": consumers[0]["batches"],
         "batch_seconds_p50": consumers[0]["batch_seconds_p50"],
     }
+
+
+def sweep(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, bytes]],
+          es_pgid: int | None, topic: str) -> list[dict[str, Any]]:
+    """Consumer vs. its ceiling (ceiling, consumer, ceiling) for each setting, plus the
+    streaming_bulk helper on the same documents."""
+    port = pipe.es_node.http_port
+    rows: list[dict[str, Any]] = []
+    settings: list[dict[str, Any]] = [
+        {"batch_size": 500, "bulk_concurrency": 1, "processes": 1, "refresh_interval": "1s"},
+        {"batch_size": 2000, "bulk_concurrency": 1, "processes": 1, "refresh_interval": "1s"},
+        {"batch_size": 500, "bulk_concurrency": 2, "processes": 1, "refresh_interval": "1s"},
+        {"batch_size": 500, "bulk_concurrency": 1, "processes": 2, "refresh_interval": "1s"},
+        {"batch_size": 500, "bulk_concurrency": 1, "processes": 1, "refresh_interval": "30s"},
+    ]
+    warm = new_name("bench-warm")
+    measure.ensure_index_template(cfg, warm)
+    measure.bulk_ceiling(port, measure.build_bodies(messages[:20_000], warm, 500, 1), es_pgid)
+    for st in settings:
+        bs, conc, procs, refresh = (st["batch_size"], st["bulk_concurrency"], st["processes"],
+                                    st["refresh_interval"])
+        ceil = []
+        for _ in range(2):
+            index = new_name("bench-ceil")
+            measure.ensure_index_template(cfg, index, refresh_interval=refresh)
+            bodies = measure.build_bodies(messages, index, bs * procs, conc * procs)
+            ceil.append(measure.bulk_ceiling(port, bodies, es_pgid).docs_per_s)
+            if len(ceil) == 1:
+                index = new_name("bench-cons")
+                measure.ensure_index_template(cfg, index, refresh_interval=refresh)
+                cf = measure.run_consumer(pipe, group=new_name("bench-cons"), index=index,
+                                          expected=len(messages), es_pgid=es_pgid, topic=topic,
+                                          processes=procs, batch_size=bs, bulk_concurrency=conc)
+        ceiling = sum(ceil) / 2
+        rows.append({"setting": f"batch {bs}, concurrency {conc}, consumers {procs}, "
+                                f"refresh {refresh}", **st,
+                     "consumer_docs_per_s": cf.steady_docs_per_s, "ceiling_docs_per_s": ceiling,
+                     "ceiling_runs": ceil, "ratio": cf.steady_docs_per_s / ceiling,
+                     "hwm_mib": cf.hwm_mib, "consumer_cpu_s": cf.cpu_s})
+    for use_orjson in (False, True):
+        index = new_name("bench-sb")
+        measure.ensure_index_template(cfg, index)
+        rate = measure.streaming_bulk_rate(pipe.es_node.url, messages, index, 500, use_orjson)
+        index = new_name("bench-ceil")
+        measure.ensure_index_template(cfg, index)
+        ceiling = measure.bulk_ceiling(port, measure.build_bodies(messages, index, 500, 1),
+                                       es_pgid).docs_per_s
+        rows.append({"setting": "helpers.streaming_bulk, batch 500, "
+                                + ("orjson" if use_orjson else "default json") + " serializer",
+                     "consumer_docs_per_s": rate, "ceiling_docs_per_s": ceiling,
+                     "ceiling_runs": [ceiling], "ratio": rate / ceiling})
+    return rows
 
 
 def profile_producer(pipe: BenchPipeline, workdir: Path, count: int) -> dict[str, Any]:

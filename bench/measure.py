@@ -237,11 +237,11 @@ def bulk_ceiling(port: int, batches: list[list[bytes]], es_pgid: int | None) -> 
     return BulkFigures(docs, elapsed, sum(p.errors for p in posters), cpu)
 
 
-def ensure_index_template(cfg: Config, index_prefix: str) -> None:
+def ensure_index_template(cfg: Config, index_prefix: str, **settings: Any) -> None:
     """The package's own index template (mapping, shards, replicas, refresh) for a prefix."""
     from logpipe.es import make_client
 
-    escfg = cfg.replace("elasticsearch", index=index_prefix).elasticsearch
+    escfg = cfg.replace("elasticsearch", index=index_prefix, **settings).elasticsearch
     es = make_client(escfg)
     try:
         # What `logpipe bootstrap` does for Elasticsearch: the template, then today's index.
@@ -309,55 +309,63 @@ class ConsumerFigures:
 
 def run_consumer(pipeline: BenchPipeline, *, group: str, index: str, expected: int,
                  es_pgid: int | None, timeout: float = 600.0, topic: str | None = None,
-                 profile_to: Path | None = None, **settings: Any) -> ConsumerFigures:
-    """``logpipe consume`` (service mode) as a subprocess over a backlog of ``expected`` messages;
-    stopped with SIGTERM once every one is committed. VmHWM is read from /proc before that."""
+                 profile_to: Path | None = None, profile_idle: bool = True,
+                 processes: int = 1, **settings: Any) -> ConsumerFigures:
+    """``logpipe consume`` (service mode) as ``processes`` subprocesses in one group over a
+    backlog of ``expected`` messages; stopped with SIGTERM once every one is committed. VmHWM is
+    read from /proc before that (the largest of the processes)."""
     env = pipeline.consumer_env(group=group, index=index, **settings)
     if topic:
         env["LOGPIPE_KAFKA_TOPIC"] = topic
         env["LOGPIPE_KAFKA_DLQ_TOPIC"] = f"{topic}.dlq"
     es_cpu0 = group_cpu_seconds(es_pgid) if es_pgid else 0.0
     began = time.monotonic()
-    spawned = pipeline.spawn("consume", env=env, log_name=f"consume-{index}")
-    sampler = HwmSampler(spawned.pid)
+    procs = [pipeline.spawn("consume", env=env, log_name=f"consume-{index}-{i}")
+             for i in range(processes)]
+    samplers = [HwmSampler(p.pid) for p in procs]
     spy: subprocess.Popen[bytes] | None = None
     if profile_to is not None:
-        spy = start_py_spy(spawned.pid, profile_to)
+        spy = start_py_spy(procs[0].pid, profile_to, idle=profile_idle)
     done = 0
     cpu = 0.0
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if spawned.proc.poll() is not None:
-                raise RuntimeError(f"consumer exited {spawned.proc.returncode}:\n"
-                                   f"{spawned.log()[-3000:]}")
-            events = spawned.events("batch_committed")
-            done = sum(int(e.get("docs", 0)) - int(e.get("dlq", 0)) for e in events)
+            for p in procs:
+                if p.proc.poll() is not None:
+                    raise RuntimeError(f"consumer exited {p.proc.returncode}:\n"
+                                       f"{p.log()[-3000:]}")
+            done = sum(int(e.get("docs", 0)) - int(e.get("dlq", 0))
+                       for p in procs for e in p.events("batch_committed"))
             if done >= expected:
                 break
             time.sleep(0.2)
         else:
             raise RuntimeError(f"consumer committed {done} of {expected} in {timeout:.0f}s")
         wall = time.monotonic() - began
-        sampler.sample()
-        cpu = cpu_seconds(spawned.pid)
+        for sampler in samplers:
+            sampler.sample()
+        cpu = sum(cpu_seconds(p.pid) for p in procs)
     finally:
         if spy is not None:
             stop_py_spy(spy)
-        sampler.stop()
-        terminate(spawned)
+        for sampler in samplers:
+            sampler.stop()
+        for p in procs:
+            terminate(p)
     es_cpu = (group_cpu_seconds(es_pgid) - es_cpu0) if es_pgid else 0.0
-    events = spawned.events("batch_committed")
+    events = sorted((e for p in procs for e in p.events("batch_committed")),
+                    key=lambda e: parse_ts(e["ts"]))
     stamps = [parse_ts(e["ts"]) for e in events]
     steady_docs = sum(int(e["docs"]) for e in events[1:])
     span = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
     figures = ConsumerFigures(
         docs=done, steady_docs_per_s=steady_docs / span if span > 0 else float("nan"),
-        wall_docs_per_s=done / wall, hwm_mib=sampler.hwm_kib / 1024,
-        rss_max_mib=sampler.rss_max_kib / 1024, cpu_s=cpu, es_cpu_s=es_cpu,
+        wall_docs_per_s=done / wall, hwm_mib=max(s.hwm_kib for s in samplers) / 1024,
+        rss_max_mib=max(s.rss_max_kib for s in samplers) / 1024, cpu_s=cpu, es_cpu_s=es_cpu,
         batches=len(events),
         batch_seconds_p50=statistics.median(float(e["seconds"]) for e in events),
-        log_path=str(spawned.log_path))
+        log_path=str(procs[0].log_path))
     if profile_to is not None and profile_to.exists():
         from bench.profiling import summarize
 
@@ -365,7 +373,7 @@ def run_consumer(pipeline: BenchPipeline, *, group: str, index: str, expected: i
     return figures
 
 
-def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+def start_py_spy(pid: int, out: Path, idle: bool = True) -> subprocess.Popen[bytes] | None:
     import sys
 
     exe = Path(sys.executable).parent / "py-spy"
@@ -377,9 +385,10 @@ def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
             log("py-spy not installed: no profile")
             return None
         exe = Path(found)
+    # --idle: wall-clock (where the time goes, waits included); without: CPU only.
     return subprocess.Popen([str(exe), "record", "--pid", str(pid), "--rate", "200",
-                             "--format", "raw", "--threads", "--idle", "--nonblocking",
-                             "--output", str(out)],
+                             "--format", "raw", "--threads", *(["--idle"] if idle else []),
+                             "--nonblocking", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -404,11 +413,14 @@ class SeedFigures:
     back_to_back_docs_per_s: float
 
 
-def run_seed_design(pipeline: BenchPipeline, *, group: str, index: str) -> SeedFigures:
+def run_seed_design(pipeline: BenchPipeline, *, group: str, index: str, topic: str,
+                    ) -> SeedFigures:
     """One ``logpipe consume --max-batches 5 --batch-size 500`` run over a backlog."""
     from bench.core import run_cli
 
     env = pipeline.consumer_env(group=group, index=index)
+    env["LOGPIPE_KAFKA_TOPIC"] = topic
+    env["LOGPIPE_KAFKA_DLQ_TOPIC"] = f"{topic}.dlq"
     proc, seconds = run_cli(pipeline, "consume", "--max-batches", "5", "--batch-size", "500",
                             env=env, timeout=300)
     if proc.returncode != 0:
@@ -570,3 +582,35 @@ def es_count(port: int, pattern: str) -> int:
     finally:
         with contextlib.suppress(Exception):
             conn.close()
+
+
+def streaming_bulk_rate(url: str, messages: Sequence[tuple[bytes, bytes]], index_prefix: str,
+                        batch_size: int, orjson_serializer: bool) -> float:
+    """The library way, for reference: parse each message, ``create`` actions as dicts through
+    ``helpers.streaming_bulk`` (the client serializes); docs/s including the parse."""
+    from elastic_transport import OrjsonSerializer
+    from elasticsearch import Elasticsearch, helpers
+
+    kwargs: dict[str, Any] = {}
+    if orjson_serializer:
+        kwargs["serializers"] = {"application/json": OrjsonSerializer()}
+    es = Elasticsearch(url, request_timeout=120, **kwargs)
+    indexed_at = now_iso()
+
+    def actions() -> Any:
+        for key, value in messages:
+            doc = orjson.loads(value)
+            doc["indexed_at"] = indexed_at
+            ts = doc["timestamp"]
+            yield {"_op_type": "create", "_index": f"{index_prefix}-{ts[0:4]}.{ts[5:7]}.{ts[8:10]}",
+                   "_id": key.decode(), "_source": doc}
+
+    started = time.monotonic()
+    ok = 0
+    for success, _item in helpers.streaming_bulk(es, actions(), chunk_size=batch_size,
+                                                 max_chunk_bytes=32 * 1024 * 1024,
+                                                 raise_on_error=False):
+        ok += bool(success)
+    elapsed = time.monotonic() - started
+    es.close()
+    return ok / elapsed

@@ -30,7 +30,7 @@ from chaoskit import (
     say,
 )
 from harness.pipeline import Pipeline, record
-from harness.servers import ElasticsearchNode, KafkaCluster
+from harness.servers import ElasticsearchNode, HarnessError, KafkaCluster
 
 
 def _servers() -> tuple[KafkaCluster, ElasticsearchNode]:
@@ -40,10 +40,18 @@ def _servers() -> tuple[KafkaCluster, ElasticsearchNode]:
     errors: list[BaseException] = []
 
     def start(name: str, factory: Any) -> None:
-        try:
-            made[name] = factory()
-        except BaseException as exc:
-            errors.append(exc)
+        # One retry: on a machine this loaded a start can miss the harness's deadline.
+        for attempt in (1, 2):
+            try:
+                made[name] = factory()
+                return
+            except HarnessError as exc:
+                say(f"{name} did not start (attempt {attempt}): {exc}")
+                if attempt == 2:
+                    errors.append(exc)
+            except BaseException as exc:
+                errors.append(exc)
+                return
 
     threads = [threading.Thread(target=start, args=("kafka", lambda: KafkaCluster(brokers=2))),
                threading.Thread(target=start, args=("es", ElasticsearchNode))]
