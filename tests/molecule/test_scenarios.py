@@ -41,12 +41,15 @@ def _run(name: str) -> None:
                     f"tail of {log}:\n{tail}")
 
 
+# A scenario converges JVM services on 2 cores: far beyond the suite's default per-test timeout.
+@pytest.mark.timeout(3000)
 @pytest.mark.molecule
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_scenario(scenario: str) -> None:
     _run(scenario)
 
 
+@pytest.mark.timeout(3600)
 @pytest.mark.molecule
 @pytest.mark.full
 @pytest.mark.parametrize("scenario", FULL_SCENARIOS)
