@@ -279,6 +279,9 @@ cmd_up() {
   log "deployed in $(( $(date +%s) - started )) s"
   show_summary
   echo
+  if ! kibana_enabled; then
+    echo "Kibana: skipped (no Kibana artifact on this machine; LOGPIPE_KIBANA_ARCHIVE=... make lab adds kibana-1)"
+  fi
   echo "Next:"
   echo "  make lab-status            units, documents, lag (non-zero exit when something is wrong)"
   echo "  make lab-shell HOST=NAME   NAME in: $(lab_hosts | cut -d'|' -f1 | xargs)"
