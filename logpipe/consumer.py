@@ -310,14 +310,18 @@ class SinkConsumer:
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
-                    self._eof.add((msg.topic(), msg.partition()))
+                    eof_topic, eof_partition = msg.topic(), msg.partition()
+                    if eof_topic is not None and eof_partition is not None:
+                        self._eof.add((eof_topic, eof_partition))
                 elif err.fatal():
                     self._fatal = err
                 else:
                     log.warning("kafka_error", error=str(err))
                 continue
-            key = (msg.topic(), msg.partition())
-            offset = msg.offset()
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            # librdkafka sets all three on every message that carries no error.
+            assert topic is not None and partition is not None and offset is not None
+            key = (topic, partition)
             self._eof.discard(key)
             self._tracker.fetched(key, offset)
             out.append(_InHand(key, offset, self._generation.get(key, 0), msg.key(), msg.value()))
