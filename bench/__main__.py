@@ -22,6 +22,7 @@ from typing import Any
 
 from bench import core, measure, report
 from bench.core import BenchPipeline, log, new_name
+from logpipe.producer import produce
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -51,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the harness servers are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     quick = args.quick
-    producer_msgs = args.producer_msgs or (30_000 if quick else 100_000)
-    consumer_docs = args.consumer_docs or (30_000 if quick else 100_000)
-    latency_duration = args.latency_duration or (20.0 if quick else 45.0)
+    producer_msgs = args.producer_msgs or (30_000 if quick else 50_000)
+    consumer_docs = args.consumer_docs or (20_000 if quick else 40_000)
+    latency_duration = args.latency_duration or (20.0 if quick else 40.0)
     began = time.monotonic()
     started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load_before = measure.loadavg()
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         backlog_topic = new_name("bench-backlog")
         measure.ensure_topic(cfg, backlog_topic)
         bcfg = cfg.replace("kafka", topic=backlog_topic, dlq_topic=f"{backlog_topic}.dlq")
-        measure.produce(bcfg, consumer_docs, seed=11)
+        produce(bcfg, consumer_docs, seed=11)
         messages = measure.read_messages(kafka.bootstrap_servers, backlog_topic)
         backlog = len(messages)
         if args.sweep:

@@ -62,13 +62,13 @@ def servers(brokers: int = 1) -> Iterator[tuple[KafkaCluster, ElasticsearchNode]
 
 
 @dataclass
-class BenchPipeline(Pipeline):
+class BenchPipeline(Pipeline):  # type: ignore[misc]
     """The harness pipeline (the CLI as a subprocess, names, config) plus per-run overrides."""
 
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = super().env({**self.extra_env, **(extra or {})})
+        env: dict[str, str] = super().env({**self.extra_env, **(extra or {})})
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
@@ -135,9 +135,9 @@ class HwmSampler:
 def terminate(spawned: Spawned, timeout: float = 30.0) -> int | None:
     """SIGTERM the process (graceful: finish batch, commit, leave group); SIGKILL if it hangs."""
     if spawned.proc.poll() is not None:
-        return spawned.proc.returncode
+        return int(spawned.proc.returncode)
     spawned.signal(signal.SIGTERM)
-    code = spawned.wait(timeout)
+    code: int | None = spawned.wait(timeout)
     if code is None:
         spawned.kill()
     return code

@@ -150,15 +150,15 @@ class PacedProducer(threading.Thread):
                     producer.poll(0.02)
                     continue
                 n = min(chunk, due - self.sent, self.total - self.sent)
-                for key, value in gen.messages(n):
-                    self._send(producer, key.decode(), value)
+                for raw_key, value in gen.messages(n):
+                    self._send(producer, raw_key.decode(), value)
                 self.sent += n
                 while pending and pending[0][0] <= self.sent:
-                    _, (key, value) = pending.pop(0)
-                    self._send(producer, key, value)
+                    _, (key, bad) = pending.pop(0)
+                    self._send(producer, key, bad)
                 producer.poll(0)
-            for _, (key, value) in pending:  # stopped early: still inject every poison message
-                self._send(producer, key, value)
+            for _, (key, bad) in pending:  # stopped early: still inject every poison message
+                self._send(producer, key, bad)
             left = producer.flush(300)
             if left:
                 self.failed.append(f"{left} message(s) still queued after flush")
