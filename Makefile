@@ -12,8 +12,8 @@ export ANSIBLE_HOME := $(abspath .cache/ansible/home)
         lab lab-status lab-shell lab-down bench chaos clean
 
 help:
-	@echo "make test        lint + unit + integration (real Kafka/ES) + Molecule common and kafka (what CI runs)"
-	@echo "make test-full   test + Molecule elasticsearch, logpipe and the end-to-end pipeline scenario"
+	@echo "make test        lint + unit + integration (real Kafka/ES) + a Molecule scenario per role (what CI runs)"
+	@echo "make test-full   test + the end-to-end pipeline scenario (molecule/pipeline)"
 	@echo "make lab         bring up the multi-host lab and deploy site.yml; lab-status, lab-shell HOST=, lab-down"
 	@echo "make bench       benchmarks against ceilings measured in the same run"
 	@echo "make chaos       chaos suite: kills, outages, rebalances, poison; checks lost=0 duplicated=0"
