@@ -65,7 +65,7 @@ def versions(es_url: str) -> dict[str, str]:
         pass
     return {
         "kafka": pinned.get("kafka", "?"), "elasticsearch": es_version,
-        "confluent-kafka": confluent_kafka.version()[0],
+        "confluent-kafka": _pkg("confluent-kafka"),
         "librdkafka": confluent_kafka.libversion()[0],
         "elasticsearch-py": _pkg("elasticsearch"), "orjson": _pkg("orjson"),
         "python": platform.python_version(), "java": _java_version(),
