@@ -62,11 +62,11 @@ test-molecule: venv fetch images
 
 test: lint
 	$(MAKE) venv fetch images
-	$(BIN)/pytest -q tests -m "not full"
+	$(BIN)/pytest -q --durations=15 tests -m "not full"
 
 test-full: lint
 	$(MAKE) venv fetch images
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=15 tests
 
 lab: venv fetch
 	scripts/lab.sh up
