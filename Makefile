@@ -8,12 +8,12 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export ANSIBLE_LOCAL_TEMP := $(abspath .cache/ansible/tmp)
 export ANSIBLE_HOME := $(abspath .cache/ansible/home)
 
-.PHONY: help venv constraints fetch images lint test test-unit test-integration test-molecule test-full \
+.PHONY: help venv constraints fetch images lint test test-unit test-integration test-molecule test-pipeline test-full \
         lab lab-status lab-shell lab-down bench chaos clean
 
 help:
 	@echo "make test        lint + unit + integration (real Kafka/ES) + a Molecule scenario per role (what CI runs)"
-	@echo "make test-full   test + the end-to-end pipeline scenario (molecule/pipeline)"
+	@echo "make test-full   test + the end-to-end pipeline scenario (molecule/pipeline); make test-pipeline runs it alone"
 	@echo "make lab         bring up the multi-host lab and deploy site.yml; lab-status, lab-shell HOST=, lab-down"
 	@echo "make bench       benchmarks against ceilings measured in the same run"
 	@echo "make chaos       chaos suite: kills, outages, rebalances, poison; checks lost=0 duplicated=0"
@@ -63,6 +63,9 @@ test-molecule: venv fetch images
 test: lint
 	$(MAKE) venv fetch images
 	$(BIN)/pytest -q --durations=15 tests -m "not full"
+
+test-pipeline: venv fetch images
+	$(BIN)/pytest -q --durations=5 tests/molecule -m full
 
 test-full: lint
 	$(MAKE) venv fetch images
