@@ -129,13 +129,17 @@ def produce(cfg: Config, count: int, rate: float = 0, duration: float = 0,
         if deadline is not None and now >= deadline:
             break
         if rate > 0:
-            # Token bucket: the schedule says how many should be out by now; wait for the next
-            # slot while serving delivery reports, so a slow start never causes a burst later
-            # larger than one chunk.
-            due = int((now - started) * rate) + 1
-            if produced >= due:
-                wait = produced / rate - (now - started)
-                producer.poll(min(max(wait, 0.0), 0.05))
+            # Paced in whole chunks (1/50 s of the rate): the schedule says how many should be
+            # out by now, one chunk ahead so the first goes at once and the last before the
+            # deadline. Until a whole chunk is due, serve delivery reports. Waiting per message
+            # instead asks poll() for sub-millisecond timeouts, which librdkafka rounds down to
+            # 0: the loop then spins and takes a whole core from the consumer it is feeding.
+            want = chunk if target is None else min(chunk, target - produced)
+            elapsed = now - started
+            due = int(elapsed * rate) + chunk
+            if due - produced < want:
+                wait = (produced + want - chunk) / rate - elapsed
+                producer.poll(min(max(wait, 0.001), 0.05))
                 continue
             n = min(chunk, due - produced)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import tomllib
 from datetime import date
 from pathlib import Path
@@ -267,12 +268,15 @@ class _FakeProducer:
 
     instances: ClassVar[list[_FakeProducer]] = []
     fail_every = 0
+    # Block in poll() like librdkafka: for the timeout rounded down to whole milliseconds.
+    blocking_poll = False
 
     def __init__(self, conf: dict[str, Any], logger: Any = None) -> None:
         self.conf = conf
         self.pending: list[tuple[bytes, Any]] = []
         self.sent: list[tuple[str, bytes, bytes]] = []
         self.buffer_errors = 0
+        self.polls = 0
         _FakeProducer.instances.append(self)
 
     def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any) -> None:
@@ -283,6 +287,9 @@ class _FakeProducer:
         self.pending.append((key, on_delivery))
 
     def poll(self, timeout: float = 0) -> int:
+        self.polls += 1
+        if self.blocking_poll:
+            time.sleep(int(timeout * 1000) / 1000)
         served = len(self.pending)
         for i, (_key, cb) in enumerate(self.pending):
             failed = self.fail_every and (len(self.sent) - served + i) % self.fail_every == 0
@@ -344,3 +351,14 @@ def test_produce_rate_mode_paces(fake_producer: type[_FakeProducer]) -> None:
     result = producer.produce(Config(), 0, rate=200, duration=0.5)
     assert 90 <= result.produced <= 100
     assert result.elapsed_s >= 0.4
+
+
+def test_produce_rate_mode_waits_instead_of_spinning(fake_producer: type[_FakeProducer],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1,000 logs/s for 0.5 s is 25 chunks of 20: about one wait and one send per chunk. A loop
+    # that asks poll() for less than a millisecond spins thousands of times instead.
+    monkeypatch.setattr(fake_producer, "blocking_poll", True)
+    result = producer.produce(Config(), 0, rate=1000, duration=0.5)
+    assert result.produced == 500 and result.delivered == 500
+    assert result.elapsed_s >= 0.45
+    assert fake_producer.instances[-1].polls < 150, fake_producer.instances[-1].polls
