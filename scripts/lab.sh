@@ -113,8 +113,9 @@ ensure_network() {
 
 # Start (or reuse) one host container with the systemd flags measured in
 # /work/shared/notes/molecule-on-these-machines.md (privileged mode does not work on these machines).
-# /tmp is exec like on a stock Debian host: Docker's tmpfs default (noexec) breaks JNI libraries
-# Java unpacks there (Kafka's zstd-jni: "failed to map segment from shared object").
+# /tmp is exec like on a stock Debian host. The roles also work with Docker's noexec default
+# (Kafka and Elasticsearch get private temp dirs for the JNI libraries Java unpacks; the per-role
+# Molecule scenarios run that way).
 ensure_container() {
   local host=$1 ip=$2 image=$3 name state
   name=$(container "$host")
