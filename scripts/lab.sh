@@ -40,9 +40,11 @@ export PATH="$TOP/.venv/bin:$PATH"
 
 # host | last octet | inventory groups | kafka_node_id ("-" for none)
 TOPOLOGY=(
-  "kafka-1|11|kafka_controller,kafka_broker|1"
-  "kafka-2|12|kafka_controller,kafka_broker|2"
-  "kafka-3|13|kafka_controller,kafka_broker|3"
+  "kafka-ctl-1|11|kafka_controller|1"
+  "kafka-ctl-2|12|kafka_controller|2"
+  "kafka-ctl-3|13|kafka_controller|3"
+  "kafka-broker-1|14|kafka_broker|101"
+  "kafka-broker-2|15|kafka_broker|102"
   "es-1|21|elasticsearch|-"
   "kibana-1|31|kibana|-"
   "logpipe-1|41|logpipe|-"
@@ -324,12 +326,12 @@ check_units() {
     for unit in $units; do
       state=$(lab_ssh "$name" systemctl is-active "$unit" 2>/dev/null || true)
       state=${state:-unreachable}
-      printf '  %-10s %-32s %s\n' "$name" "$unit" "$state"
+      printf '  %-15s %-32s %s\n' "$name" "$unit" "$state"
       [ "$state" = active ] || bad=1
     done
     failed=$(lab_ssh "$name" systemctl list-units --state=failed --no-legend --plain 2>/dev/null | awk '{print $1}' | xargs || true)
     if [ -n "$failed" ]; then
-      printf '  %-10s %-32s %s\n' "$name" "(failed units)" "$failed"
+      printf '  %-15s %-32s %s\n' "$name" "(failed units)" "$failed"
       bad=1
     fi
   done < <(lab_hosts)

@@ -1,7 +1,7 @@
 """Run each Molecule scenario (create -> converge -> idempotence -> verify -> destroy) for real.
 
 Scenarios live in molecule/<name>/. `make test` runs one scenario per role; the one marked
-`full` (the whole pipeline on five hosts) runs in `make test-full` and `make test-pipeline`, and
+`full` (the whole pipeline on seven hosts) runs in `make test-full` and `make test-pipeline`, and
 in CI after `make test` when the 90-minute budget still has room. Output goes to
 .cache/logs/molecule-<name>.log; a failure shows its tail.
 """
