@@ -19,7 +19,7 @@ TOP = Path(__file__).resolve().parents[2]
 LOGS = TOP / ".cache" / "logs"
 
 # Order matters only for speed (cheap scenarios first); each scenario is self-contained.
-SCENARIOS = ["common", "kafka", "elasticsearch", "logpipe"]
+SCENARIOS = ["common", "pki", "kafka", "elasticsearch", "logpipe"]
 FULL_SCENARIOS = ["pipeline"]
 
 
