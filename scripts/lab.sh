@@ -298,10 +298,17 @@ cmd_up() {
 
 ES_ALIAS=web-logs-topic
 
-es_url() { echo "http://$(host_ip "$(hosts_in_group elasticsearch | head -n1)"):9200"; }
+es_url() { echo "https://$(host_ip "$(hosts_in_group elasticsearch | head -n1)"):9200"; }
+
+# curl to Elasticsearch as `elastic`, verified against the lab's CA; the password goes to curl on
+# stdin (-K -), never on a command line.
+es_curl() {
+  printf 'user = "elastic:%s"\n' "$(cat "$STATE/secrets/es-elastic" 2>/dev/null)" \
+    | curl -K - --cacert "$STATE/pki/ca.crt" "$@"
+}
 
 es_count() {
-  curl -fsS --max-time 5 "$(es_url)/$ES_ALIAS/_count" 2>/dev/null \
+  es_curl -fsS --max-time 5 "$(es_url)/$ES_ALIAS/_count" 2>/dev/null \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])' 2>/dev/null || echo "?"
 }
 
@@ -402,7 +409,7 @@ cmd_status() {
 # The newest document must be younger than LOGPIPE_LAB_MAX_AGE seconds (default 600).
 newest_check() {
   local age
-  age=$(curl -fsS --max-time 5 -H 'Content-Type: application/json' \
+  age=$(es_curl -fsS --max-time 5 -H 'Content-Type: application/json' \
           "$(es_url)/$ES_ALIAS/_search?size=0" \
           -d '{"aggs":{"newest":{"max":{"field":"indexed_at"}}}}' 2>/dev/null \
         | python3 -c '

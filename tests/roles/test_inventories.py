@@ -59,7 +59,9 @@ def _playbook(tmp: Path, inventory: Path, playbook: Path,
 def _layout(controllers: dict[str, dict], brokers: dict[str, dict],
             logpipe: dict[str, dict] | None = None) -> dict:
     return {"all": {
-        "vars": {"kafka_install_method": "jars", "kafka_jars_src": "/nowhere"},
+        "vars": {"kafka_install_method": "jars", "kafka_jars_src": "/nowhere",
+                 **{f"logpipe_kafka_{who}_password": f"{who}-password"
+                    for who in ("producer", "consumer", "admin")}},
         "children": {
             "kafka_controller": {"hosts": controllers},
             "kafka_broker": {"hosts": brokers},
@@ -86,8 +88,8 @@ BAD_LAYOUTS = {
     "broker cannot reach the controllers": (
         _layout(GOOD_CONTROLLERS, {"broker-1": {"kafka_node_id": 101},
                                    "broker-2": {"kafka_node_id": 102,
-                                                "kafka_controller_listener_protocol": "SSL"}}),
-        r"brokers could not reach the quorum.*differ\s+from CONTROLLER/PLAINTEXT:\s+broker-2\."),
+                                                "kafka_controller_listener_protocol": "PLAINTEXT"}}),
+        r"brokers could not reach the quorum.*differ\s+from CONTROLLER/SSL:\s+broker-2\."),
     "no broker": (
         _layout(GOOD_CONTROLLERS, {}),
         r"group kafka_broker is empty"),
@@ -148,13 +150,19 @@ def test_example_kafka_listeners_follow_each_node_role(example: Path) -> None:
         # Every node maps the controller listener (brokers connect to the quorum through it).
         assert props["controller.listener.names"] in protocols, (host, props)
         assert props["controller.quorum.voters"].count("@") == len(controllers)
+        # Secure by default: TLS on every listener, SCRAM for clients, every node a super user.
+        assert protocols["CONTROLLER"] == "SSL"
+        assert props["allow.everyone.if.no.acl.found"] == "false"
+        assert props["super.users"].split(";") == [f"User:{h}" for h in controllers + brokers]
         if host in controllers:
             assert roles == "controller"
             assert listeners == "CONTROLLER://:9093", (host, listeners)
             assert "inter.broker.listener.name" not in props
         else:
             assert roles == "broker"
-            assert listeners == "PLAINTEXT://:9092", (host, listeners)
+            assert listeners == "CLIENT://:9092,INTERNAL://:9091", (host, listeners)
+            assert protocols["CLIENT"] == "SASL_SSL" and protocols["INTERNAL"] == "SSL"
+            assert props["inter.broker.listener.name"] == "INTERNAL"
             assert ":9093" not in props["advertised.listeners"]
             # Three brokers: RF 3, min ISR 2.
             assert props["default.replication.factor"] == "3"
