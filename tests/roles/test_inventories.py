@@ -201,3 +201,11 @@ def test_example_logpipe_config_loads(example: Path) -> None:
         assert cfg.kafka.replication_factor == 3
         assert cfg.kafka.min_insync_replicas == 2
         assert all(h.startswith("https://") for h in cfg.elasticsearch.hosts)
+        # Secure by default: the consumer principal over SASL_SSL, secrets only as file paths.
+        assert cfg.kafka.security_protocol == "SASL_SSL"
+        assert cfg.kafka.sasl_mechanism == "SCRAM-SHA-512"
+        assert cfg.kafka.sasl_username == "logpipe-consumer"
+        assert cfg.kafka.sasl_password_file == "/etc/logpipe/kafka-consumer-password"
+        assert cfg.kafka.ssl_ca_location == "/etc/logpipe/tls/ca.crt"
+        assert cfg.elasticsearch.ca_certs == "/etc/logpipe/tls/ca.crt"
+        assert "CHANGE-ME" not in (example / host / "logpipe.toml").read_text()
