@@ -9,23 +9,17 @@ fails on a real host), and logpipe's config loader reads each rendered logpipe.t
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from harness.playbook import ANSIBLE_PLAYBOOK, run_playbook
 
 from logpipe import config as logpipe_config
 
 TOP = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook", path=str(BIN)) or shutil.which(
-    "ansible-playbook"
-)
 RENDER = TOP / "tests" / "roles" / "render-inventory.yml"
 VALIDATE = TOP / "playbooks" / "validate.yml"
 
@@ -34,32 +28,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-tmp"),
-        ANSIBLE_HOME=str(tmp / "ansible-home"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_RETRY_FILES_ENABLED="0",
-    )
-    return env
-
-
-def _playbook(tmp: Path, inventory: Path, playbook: Path,
-              *extra: str) -> subprocess.CompletedProcess[str]:
-    assert ANSIBLE_PLAYBOOK is not None
-    return subprocess.run(
-        [ANSIBLE_PLAYBOOK, "-i", str(inventory), str(playbook), *extra],
-        cwd=TOP, env=_env(tmp), capture_output=True, text=True, timeout=300, check=False,
-    )
-
-
 # --- layouts the roles refuse before any host is changed ----------------------------------------
 
 def _layout(controllers: dict[str, dict], brokers: dict[str, dict],
             logpipe: dict[str, dict] | None = None) -> dict:
     return {"all": {
         "vars": {"kafka_install_method": "jars", "kafka_jars_src": "/nowhere",
+                 "logpipe_elasticsearch_password": "es-password",
                  **{f"logpipe_kafka_{who}_password": f"{who}-password"
                     for who in ("producer", "consumer", "admin")}},
         "children": {
@@ -86,9 +61,9 @@ BAD_LAYOUTS = {
                                    "broker-2": {"kafka_node_id": 102}}),
         r"node ids shared by several hosts:\s+2 on ctl-2, broker-1;"),
     "broker cannot reach the controllers": (
-        _layout(GOOD_CONTROLLERS, {"broker-1": {"kafka_node_id": 101},
-                                   "broker-2": {"kafka_node_id": 102,
-                                                "kafka_controller_listener_protocol": "PLAINTEXT"}}),
+        _layout(GOOD_CONTROLLERS, {
+            "broker-1": {"kafka_node_id": 101},
+            "broker-2": {"kafka_node_id": 102, "kafka_controller_listener_protocol": "PLAINTEXT"}}),
         r"brokers could not reach the quorum.*differ\s+from CONTROLLER/SSL:\s+broker-2\."),
     "no broker": (
         _layout(GOOD_CONTROLLERS, {}),
@@ -104,7 +79,7 @@ BAD_LAYOUTS = {
 def test_validate_refuses_bad_layout_naming_the_hosts(tmp_path: Path, case: str) -> None:
     inventory, message = BAD_LAYOUTS[case]
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
-    proc = _playbook(tmp_path, tmp_path / "hosts.yml", VALIDATE)
+    proc = run_playbook(tmp_path, tmp_path / "hosts.yml", VALIDATE)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, f"{case}: validate.yml accepted it:\n{out[-3000:]}"
     assert re.search(message, out, re.S), f"{case}: no {message!r} in:\n{out[-3000:]}"
@@ -113,7 +88,7 @@ def test_validate_refuses_bad_layout_naming_the_hosts(tmp_path: Path, case: str)
 def test_validate_accepts_the_dedicated_layout(tmp_path: Path) -> None:
     (tmp_path / "hosts.yml").write_text(
         yaml.safe_dump(_layout(GOOD_CONTROLLERS, GOOD_BROKERS)))
-    proc = _playbook(tmp_path, tmp_path / "hosts.yml", VALIDATE)
+    proc = run_playbook(tmp_path, tmp_path / "hosts.yml", VALIDATE)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
 
@@ -129,7 +104,7 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example inventory rendered: <dir>/<host>/<file> for every Kafka and logpipe host."""
     tmp = tmp_path_factory.mktemp("example")
     out = tmp / "render"
-    proc = _playbook(tmp, TOP / "inventories" / "example", RENDER, "-e", f"render_dir={out}")
+    proc = run_playbook(tmp, TOP / "inventories" / "example", RENDER, "-e", f"render_dir={out}")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return out
 

@@ -8,10 +8,7 @@ Runs the role's own tasks (include_role tasks_from verify/health.yml) against lo
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -20,12 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-TOP = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook", path=str(BIN)) or shutil.which(
-    "ansible-playbook"
-)
+from harness.playbook import ANSIBLE_PLAYBOOK, run_playbook
 
 pytestmark = pytest.mark.skipif(
     ANSIBLE_PLAYBOOK is None, reason="ansible-playbook is not installed"
@@ -96,14 +88,8 @@ def test_quorum_wait_gives_up_at_its_deadline(tmp_path: Path, silent_port: int) 
     }]
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
     (tmp_path / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(TOP / "roles"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
-               ANSIBLE_HOME=str(tmp_path / "ansible-home"))
-    assert ANSIBLE_PLAYBOOK is not None
     started = time.monotonic()
-    proc = subprocess.run(
-        [ANSIBLE_PLAYBOOK, "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "play.yml")],
-        cwd=TOP, env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = run_playbook(tmp_path, tmp_path / "hosts.yml", tmp_path / "play.yml", timeout=600)
     elapsed = time.monotonic() - started
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]

@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import ssl
 import subprocess
 import sys
@@ -24,13 +23,10 @@ from typing import Any
 
 import pytest
 import yaml
+from harness.playbook import ANSIBLE_PLAYBOOK, ansible_env
 
 TOP = Path(__file__).resolve().parents[2]
 ROLE = TOP / "roles" / "kibana"
-BIN = Path(sys.executable).parent
-ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook", path=str(BIN)) or shutil.which(
-    "ansible-playbook"
-)
 
 KEY = "k" * 32  # valid length
 # What roles/elasticsearch publishes on its hosts (set_fact elasticsearch_kibana_service_token);
@@ -71,18 +67,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        ANSIBLE_ROLES_PATH=str(TOP / "roles"),
-        ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-tmp"),
-        ANSIBLE_HOME=str(tmp / "ansible-home"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_RETRY_FILES_ENABLED="0",
-    )
-    return env
-
-
 def _inventory(published: dict[str, str]) -> str:
     tokens = {
         h: f"elasticsearch_kibana_service_token={published[h]}" if h in published else ""
@@ -107,7 +91,7 @@ def _playbook(
         (tmp / "vars.json").write_text(json.dumps(extra_vars))
         cmd += ["-e", f"@{tmp / 'vars.json'}"]
     return subprocess.run(
-        cmd, cwd=TOP, env=_env(tmp), capture_output=True, text=True, timeout=300, check=False
+        cmd, cwd=TOP, env=ansible_env(tmp), capture_output=True, text=True, timeout=300, check=False
     )
 
 
