@@ -86,6 +86,9 @@ class FakeKafka:
         info = SimpleNamespace(error=None, partitions=dict.fromkeys(self.logs))
         return SimpleNamespace(topics={TOPIC: info})
 
+    def poll(self, timeout: float = 0) -> None:
+        return None
+
     def subscribe(self, topics: list[str], **callbacks: Callable[..., None]) -> None:
         assert topics == [TOPIC]
         self.callbacks = callbacks
@@ -206,6 +209,7 @@ class FakeDLQ:
         self.world = world
         self.fail_first = fail_first
         self.sent: list[DeadLetter] = []
+        self.refusal: Any = None
 
     def send(self, letters: list[DeadLetter], timeout_s: float | None = None) -> list[bool]:
         acks = []
