@@ -142,8 +142,9 @@ def kafka_status(cfg: KafkaConfig, timeout_s: float = _TIMEOUT_S) -> KafkaStatus
             # A rejected password or certificate reaches only the error callback (served by
             # poll()): report that rather than the metadata timeout it caused.
             event = consumer.poll(0)
-            if event is not None and event.error() is not None:
-                watch(event.error())
+            error = event.error() if event is not None else None
+            if error is not None:
+                watch(error)
             watch.check()
         found: dict[str, list[int]] = {}
         for name in (cfg.topic, cfg.dlq_topic):
