@@ -165,3 +165,25 @@ def test_example_file_loads_and_lists_every_key() -> None:
         assert f"[{section}]" in text
         for key in values:
             assert f"{key} =" in text or f"# {key} =" in text, f"{section}.{key} missing"
+
+
+def test_sasl_needs_username_and_password_file() -> None:
+    base = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "logpipe-consumer", "sasl_password_file": "/etc/logpipe/kafka.pw"}
+    Config().replace("kafka", **base)  # complete: fine
+    for key in ("sasl_username", "sasl_password_file", "sasl_mechanism"):
+        with pytest.raises(ConfigError, match=rf"kafka\.{key}: required"):
+            Config().replace("kafka", **{**base, key: ""})
+    with pytest.raises(ConfigError, match=r"kafka\.ssl_ca_location"):
+        Config().replace("kafka", ssl_ca_location="/etc/logpipe/ca.crt")
+    with pytest.raises(ConfigError, match=r"elasticsearch\.password_file: required"):
+        Config().replace("elasticsearch", username="logpipe")
+
+
+def test_masked_hides_passwords_in_client_overrides() -> None:
+    cfg = Config().replace("kafka", client_overrides={"sasl.password": "s3cret",
+                                                      "ssl.key.password": "k3y",
+                                                      "socket.keepalive.enable": "true"})
+    shown = config.masked(cfg)["kafka"]["client_overrides"]
+    assert shown == {"sasl.password": "********", "ssl.key.password": "********",
+                     "socket.keepalive.enable": "true"}
