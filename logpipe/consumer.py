@@ -138,13 +138,6 @@ class SinkConsumer:
             log.error("consumer_failed", error=str(exc))
             self._close()
             return 2
-        except Exception as exc:
-            found = self._refused_by(exc)
-            if found is None:
-                raise
-            self._close()
-            found.log()
-            return refusal.EXIT_REFUSED
         log.event("consumer_started", topic=kcfg.topic, group=kcfg.group_id,
                   dlq_topic=kcfg.dlq_topic, batch_size=ccfg.batch_size,
                   bulk_concurrency=ccfg.bulk_concurrency,
@@ -256,10 +249,12 @@ class SinkConsumer:
                 # Not info()/ping(): `GET /` lives in a module minimal distributions leave out.
                 self._es.cluster.health()
             except ApiError as exc:
-                # 403: the cluster answers but our (index-only) role may not read its health.
+                # 403: the cluster answers but our (index-only) role may not read its health;
+                # the first bulk request says whether it may write. 401 is a refusal.
                 if exc.meta.status == 401:
-                    self._refuse(refusal.elasticsearch(exc, self.cfg.elasticsearch.hosts)
-                                 or refusal.Refusal(refusal.ES_AUTH, "host", "", exc.message))
+                    self._refuse(self._refused_by(exc) or refusal.Refusal(
+                        refusal.ES_AUTH, "host", ",".join(self.cfg.elasticsearch.hosts),
+                        exc.message))
                 elif exc.meta.status != 403:
                     problems.append(f"elasticsearch: HTTP {exc.meta.status}: {exc.message}")
             except Exception as exc:

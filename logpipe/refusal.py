@@ -152,18 +152,16 @@ class KafkaErrorWatch:
     other calls poll the client and then ``check()``.
     """
 
-    def __init__(self, bootstrap: str, *, log_other: bool = False) -> None:
+    def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
         self.refusal: Refusal | None = None
-        self._log_other = log_other
 
     def __call__(self, err: KafkaError) -> None:
+        # Other errors (brokers down, timeouts) are retried by the client and already appear
+        # as its own `event=librdkafka` lines.
         found = kafka(err, self.bootstrap)
-        if found is not None:
-            if self.refusal is None:
-                self.refusal = found
-        elif self._log_other:
-            log.warning("kafka_error", error=err.str(), code=err.name())
+        if found is not None and self.refusal is None:
+            self.refusal = found
 
     def check(self) -> None:
         """Raise ``Refused`` if a refusal was reported."""
