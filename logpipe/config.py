@@ -342,11 +342,21 @@ def load(path: str | os.PathLike[str] | None = None,
 
 
 def read_secret(path: str, key: str) -> str:
-    """The content of a secret file (trailing newline stripped), or a ConfigError naming the key."""
+    """The content of a secret file (trailing newline stripped), or a ConfigError naming the key.
+
+    A file other users may read is used but warned about (the secret is as good as public on
+    that host); the warning names the file, never its content.
+    """
     try:
-        return Path(path).read_text(encoding="utf-8").rstrip("\n")
+        secret = Path(path).read_text(encoding="utf-8").rstrip("\n")
+        mode = os.stat(path).st_mode & 0o777
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read secret file {path}: {exc.strerror}") from None
+    if mode & 0o007:
+        from logpipe import log  # local: log is a leaf module, config must stay importable alone
+
+        log.warning("secret_file_readable_by_others", key=key, path=path, mode=f"{mode:04o}")
+    return secret
 
 
 def masked(cfg: Config) -> dict[str, dict[str, Any]]:

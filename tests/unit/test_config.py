@@ -187,3 +187,21 @@ def test_masked_hides_passwords_in_client_overrides() -> None:
     shown = config.masked(cfg)["kafka"]["client_overrides"]
     assert shown == {"sasl.password": "********", "ssl.key.password": "********",
                      "socket.keepalive.enable": "true"}
+
+
+def test_read_secret_warns_about_world_readable_files(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "kafka.password"
+    path.write_text("s3cret\n")
+    path.chmod(0o640)
+    assert config.read_secret(str(path), "kafka.sasl_password_file") == "s3cret"
+    assert not caplog.records
+    path.chmod(0o644)
+    assert config.read_secret(str(path), "kafka.sasl_password_file") == "s3cret"
+    (record,) = caplog.records
+    assert record.getMessage() == "secret_file_readable_by_others"
+    assert record.fields == {"key": "kafka.sasl_password_file",  # type: ignore[attr-defined]
+                             "path": str(path), "mode": "0644"}
+    assert "s3cret" not in caplog.text
+    with pytest.raises(ConfigError, match=r"kafka\.sasl_password_file: cannot read"):
+        config.read_secret(str(tmp_path / "missing"), "kafka.sasl_password_file")
