@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness.pipeline import FIGURES_FILE, Pipeline
-from harness.servers import ElasticsearchNode, KafkaCluster
+from harness.servers import ElasticsearchNode, KafkaCluster, SecureServers
 
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
 
@@ -62,12 +61,6 @@ def elasticsearch() -> Iterator[ElasticsearchNode]:
         yield node
     finally:
         node.close()
-
-
-@dataclass
-class SecureServers:
-    kafka: KafkaCluster
-    elasticsearch: ElasticsearchNode
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -1041,6 +1042,14 @@ def _pbkdf2_hash(password: str, cost: int = 10_000) -> str:
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, cost, dklen=32)
     return (f"{{PBKDF2}}{cost}${base64.b64encode(salt).decode()}$"
             f"{base64.b64encode(digest).decode()}")
+
+
+@dataclass(frozen=True)
+class SecureServers:
+    """The secure pair the ``secure_servers`` fixture starts (security on, see the top)."""
+
+    kafka: KafkaCluster
+    elasticsearch: ElasticsearchNode
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = "condition"

@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SecureServers
 from harness.pipeline import Completed, Pipeline, parse_events, record
 from harness.servers import (
     ADMIN_USER,
     CONSUMER_USER,
     ES_WRITER_USER,
     PRODUCER_USER,
+    SecureServers,
 )
 from harness.tls import TestCA
 
