@@ -234,16 +234,10 @@ def bootstrap_kafka(cfg: KafkaConfig, wait_timeout_s: float = 60.0) -> dict[str,
     watch = KafkaErrorWatch(cfg.bootstrap_servers)
     admin = make_admin(cfg, watch)
 
-    def probe() -> Any:
-        try:
-            return admin.list_topics(timeout=5)
-        finally:
-            # A rejected password or certificate is only reported to the error callback,
-            # which poll() serves: a refusal then ends the wait instead of a timeout.
-            admin.poll(0)
-            watch.check()
-
-    wait_for(f"kafka {cfg.bootstrap_servers}", probe, wait_timeout_s)
+    # A rejected password or certificate is only reported to the error callback, which the
+    # watch serves between short metadata requests: a refusal ends the wait at once.
+    wait_for(f"kafka {cfg.bootstrap_servers}", lambda: watch.list_topics(admin, 5.0),
+             wait_timeout_s)
     return {
         cfg.topic: ensure_topic(admin, cfg.topic, cfg.partitions, cfg.replication_factor,
                                 _topic_configs(cfg, dlq=False)),

@@ -14,6 +14,7 @@ timeouts, 5xx, 429) are never refusals: those keep being retried in-process.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,6 +45,7 @@ _VERIFY_FAILED = ("certificate verify failed", "certificate_verify_failed")
 # librdkafka prefixes broker errors with the broker's name: "sasl_ssl://10.0.0.5:9093/1: ...".
 _BROKER_PREFIX = re.compile(r"^(?:[a-z_]+://)?([^/\s]+:\d+)/\S*:")
 _MAX_DETAIL = 300
+_SLICE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -167,3 +169,25 @@ class KafkaErrorWatch:
         """Raise ``Refused`` if a refusal was reported."""
         if self.refusal is not None:
             raise Refused(self.refusal)
+
+    def list_topics(self, client: Any, timeout_s: float) -> Any:
+        """``client.list_topics()`` in one-second slices, serving the error callback between
+        them: a refusal ends the wait within a second or so instead of at ``timeout_s``.
+        ``client`` is a Consumer or an AdminClient built with this watch as its ``error_cb``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return client.list_topics(timeout=max(0.1, min(_SLICE_S, left)))
+            except KafkaException:
+                if left <= _SLICE_S:
+                    raise
+            finally:
+                event = client.poll(0)
+                # A Consumer's poll() hands over errors as events (an AdminClient's returns a
+                # count): the group coordinator's refusal arrives that way.
+                error = event.error() if event is not None and hasattr(event, "error") else None
+                if error is not None:
+                    self(error)
+                self.check()
