@@ -45,6 +45,8 @@ STATUS_INTERVAL_S = 10.0
 # While retrying, poll this often so rebalance callbacks run and the group keeps us.
 PAUSED_POLL_S = 0.2
 READY_MAX_BACKOFF_S = 10.0
+# How long one readiness check waits for Kafka metadata.
+READY_METADATA_TIMEOUT_S = 5.0
 # Slice of the poll timeout spent in one consume() call while collecting a batch.
 FETCH_SLICE_S = 0.1
 # How often the main thread wakes up (watchdog, shutdown deadline) while a bulk request runs.
@@ -226,7 +228,7 @@ class SinkConsumer:
             self._watchdog.ping()
             problems = []
             try:
-                meta = self._consumer.list_topics(topic, timeout=5.0)
+                meta = self._metadata(topic, READY_METADATA_TIMEOUT_S)
                 info = meta.topics.get(topic)
                 if info is not None and info.error is not None:
                     found = refusal.kafka(info.error, self.cfg.kafka.bootstrap_servers)
@@ -237,13 +239,8 @@ class SinkConsumer:
                                     f"{info.error if info is not None else 'missing'}")
             except KafkaException as exc:
                 problems.append(f"kafka: {exc}")
-            # A rejected password or certificate reaches only the error callback, which runs
-            # from poll(): serve it before deciding whether to wait or to stop. Not subscribed
-            # yet, poll() returns only errors, such as the group coordinator lookup's
-            # GROUP_AUTHORIZATION_FAILED (reported once): never drop those.
-            event = self._consumer.poll(0)
-            if event is not None and event.error() is not None:
-                self._accept([event])
+            if self._refusal is not None:
+                return False
             try:
                 assert self._es is not None
                 # Not info()/ping(): `GET /` lives in a module minimal distributions leave out.
@@ -277,6 +274,32 @@ class SinkConsumer:
                 time.sleep(min(0.2, max(0.0, end - time.monotonic())))
             delay = min(delay * 2, READY_MAX_BACKOFF_S)
         return False
+
+    def _metadata(self, topic: str, timeout_s: float) -> Any:
+        """``list_topics(topic)`` in short slices with the error callback served between them.
+
+        A rejected password or certificate reaches only the error callback, which runs from
+        poll(): a refusal then ends the wait within a slice instead of at the timeout. Not
+        subscribed yet, poll() returns only errors, such as the group coordinator lookup's
+        GROUP_AUTHORIZATION_FAILED (reported once): those are never dropped.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                meta = self._consumer.list_topics(topic, timeout=max(0.1, min(1.0, left)))
+            except KafkaException:
+                self._serve_errors()
+                if left <= 1.0 or self._refusal is not None:
+                    raise
+                continue
+            self._serve_errors()
+            return meta
+
+    def _serve_errors(self) -> None:
+        event = self._consumer.poll(0)
+        if event is not None and event.error() is not None:
+            self._accept([event])
 
     def _check_dlq_topic(self) -> None:
         """Warn early when the dead-letter topic is missing (dead-lettering would stall)."""

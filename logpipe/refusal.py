@@ -179,15 +179,21 @@ class KafkaErrorWatch:
         while True:
             left = deadline - time.monotonic()
             try:
-                return client.list_topics(timeout=max(0.1, min(_SLICE_S, left)))
+                metadata = client.list_topics(timeout=max(0.1, min(_SLICE_S, left)))
             except KafkaException:
+                self._serve(client)
                 if left <= _SLICE_S:
                     raise
-            finally:
-                event = client.poll(0)
-                # A Consumer's poll() hands over errors as events (an AdminClient's returns a
-                # count): the group coordinator's refusal arrives that way.
-                error = event.error() if event is not None and hasattr(event, "error") else None
-                if error is not None:
-                    self(error)
-                self.check()
+                continue
+            self._serve(client)
+            return metadata
+
+    def _serve(self, client: Any) -> None:
+        """Run the client's callbacks, then raise ``Refused`` if one reported a refusal."""
+        event = client.poll(0)
+        # A Consumer's poll() hands over errors as events (an AdminClient's returns a count):
+        # the group coordinator's refusal arrives that way.
+        error = event.error() if event is not None and hasattr(event, "error") else None
+        if error is not None:
+            self(error)
+        self.check()

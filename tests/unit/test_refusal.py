@@ -151,3 +151,50 @@ def test_bulk_item_403_security_exception_is_a_refusal_not_a_dead_letter() -> No
     outcome = classify(response, docs)
     assert outcome.created == [0] and outcome.retry == [1] and not outcome.rejected
     assert outcome.refusal is not None and outcome.refusal.reason == refusal.ES_PRIVILEGE
+
+
+def test_watch_list_topics_ends_at_a_refusal_not_at_the_timeout() -> None:
+    import time
+
+    watch = refusal.KafkaErrorWatch(BOOTSTRAP)
+
+    class Client:
+        """Like librdkafka with a wrong password: metadata requests time out, and the error
+        callback (run from poll) says why."""
+
+        calls = 0
+
+        def list_topics(self, timeout: float) -> None:
+            Client.calls += 1
+            assert timeout <= 1.0
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata"))
+
+        def poll(self, _timeout: float) -> int:
+            if Client.calls >= 2:
+                watch(kafka_error(KafkaError._AUTHENTICATION,
+                                  "sasl_ssl://k1:9093/bootstrap: SASL authentication error"))
+            return 0
+
+    began = time.monotonic()
+    with pytest.raises(refusal.Refused) as info:
+        watch.list_topics(Client(), timeout_s=30.0)
+    assert info.value.refusal.reason == refusal.KAFKA_AUTH
+    assert Client.calls == 2 and time.monotonic() - began < 1.0
+
+
+def test_watch_list_topics_outage_raises_after_the_timeout() -> None:
+    watch = refusal.KafkaErrorWatch(BOOTSTRAP)
+
+    class Down:
+        calls = 0
+
+        def list_topics(self, timeout: float) -> None:
+            Down.calls += 1
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Failed to get metadata"))
+
+        def poll(self, _timeout: float) -> int:
+            return 0
+
+    with pytest.raises(KafkaException):
+        watch.list_topics(Down(), timeout_s=0.05)
+    assert Down.calls == 1
