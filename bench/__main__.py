@@ -4,6 +4,7 @@
     python -m bench --quick         # small sizes for iterating (numbers are noisier)
     python -m bench --profile       # also py-spy profiles of the consumer and the producer
     python -m bench --no-write      # print only; keep docs/BENCHMARKS.md and results.json
+    python -m bench --security-only # only the TLS+SCRAM vs plaintext ratios (own block/file)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import core, measure, report
+from bench import core, measure, report, security
 from bench.core import BenchPipeline, log, new_name
 from logpipe.config import ConsumerConfig
 from logpipe.producer import produce
@@ -45,7 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(batch size, bulk concurrency, consumers, refresh interval, "
                         "streaming_bulk); writes bench/sweep.json")
     p.add_argument("--skip", action="append", default=[],
-                   choices=["producer", "consumer", "seed", "latency"])
+                   choices=["producer", "consumer", "seed", "latency", "security"])
+    p.add_argument("--security-only", action="store_true",
+                   help="only the producer/consumer cost of TLS+SCRAM+HTTPS against plaintext "
+                        "(writes bench/security.json and its own block of docs/BENCHMARKS.md)")
+    p.add_argument("--security-rounds", type=int, default=2,
+                   help="alternating plaintext/secure rounds of the security comparison")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
 
@@ -65,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     results: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=core.REPO / ".cache"))
+    if args.security_only:
+        return security_only(args, workdir, producer_msgs, consumer_docs, command, started_at,
+                             began, load_before)
     with core.servers(brokers=1) as (kafka, es):
         log(f"servers up: kafka {kafka.bootstrap_servers}, es {es.url}")
         pipe = BenchPipeline(kafka, es, workdir, "bench", partitions=6)
@@ -158,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"latency: p50 {lf.p50_s:.3f}s p99 {lf.p99_s:.3f}s ({lf.samples} samples)")
             results["latency"] = dataclasses.asdict(lf)
 
+        # -- what security costs -------------------------------------------------------------
+        if "security" not in args.skip:
+            results["security"] = dataclasses.asdict(
+                security_part(pipe, workdir, args, producer_msgs, consumer_docs))
+
     results["meta"] = {
         "date": started_at, "command": command, "seconds": round(time.monotonic() - began, 1),
         "loadavg_before": load_before, "loadavg_after": measure.loadavg(),
@@ -165,13 +179,69 @@ def main(argv: list[str] | None = None) -> int:
         "quick": quick, "workdir": str(workdir)}
     flat = report.flatten(results)
     print(report.table(flat, results))
+    if "security" in results:
+        print_security(results["security"])
     if not args.no_write:
         (core.REPO / "bench" / "results.json").write_text(
             json.dumps({**flat, "details": results}, indent=2, sort_keys=True, default=str)
             + "\n")
         report.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", flat, results)
+        if "security" in results:
+            write_security(results["security"], results["meta"])
         log("wrote bench/results.json and docs/BENCHMARKS.md")
     return 0
+
+
+def _pipe_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"elasticsearch": {"shards": 2, "replicas": 0, "refresh_interval": "1s"},
+            "producer": {"linger_ms": 20},
+            "consumer": {"batch_size": args.batch_size,
+                         "bulk_concurrency": args.bulk_concurrency,
+                         "poll_timeout_s": args.poll_timeout or ConsumerConfig.poll_timeout_s,
+                         "session_timeout_ms": 45000}}
+
+
+def security_part(plain: BenchPipeline, workdir: Path, args: argparse.Namespace,
+                  producer_msgs: int, consumer_docs: int) -> security.SecurityFigures:
+    """Start the secure servers beside the running plaintext ones and compare."""
+    with core.servers(brokers=1, secure=True) as (skafka, ses):
+        log(f"secure servers up: kafka {skafka.bootstrap_servers}, es {ses.url}")
+        spipe = BenchPipeline(skafka, ses, workdir / "secure", "bench-secure", partitions=6)
+        spipe.write_config(**_pipe_settings(args))
+        return security.run(plain, spipe, producer_msgs=producer_msgs,
+                            consumer_docs=consumer_docs, rounds=args.security_rounds,
+                            batch_size=args.batch_size, bulk_concurrency=args.bulk_concurrency)
+
+
+def security_only(args: argparse.Namespace, workdir: Path, producer_msgs: int,
+                  consumer_docs: int, command: str, started_at: str, began: float,
+                  load_before: str) -> int:
+    with core.servers(brokers=1) as (kafka, es):
+        log(f"servers up: kafka {kafka.bootstrap_servers}, es {es.url}")
+        pipe = BenchPipeline(kafka, es, workdir / "plain", "bench", partitions=6)
+        pipe.write_config(**_pipe_settings(args))
+        figures = dataclasses.asdict(security_part(pipe, workdir, args, producer_msgs,
+                                                   consumer_docs))
+    meta = {"date": started_at, "command": command,
+            "seconds": round(time.monotonic() - began, 1), "loadavg_before": load_before,
+            "loadavg_after": measure.loadavg()}
+    print_security(figures)
+    if not args.no_write:
+        write_security(figures, meta)
+        log("wrote bench/security.json and the security block of docs/BENCHMARKS.md")
+    return 0
+
+
+def print_security(figures: dict[str, Any]) -> None:
+    for figure, value, detail in security.rows(figures):
+        print(f"{figure:<44} {value:<14} {detail}")
+
+
+def write_security(figures: dict[str, Any], meta: dict[str, Any]) -> None:
+    figures = {**figures, "meta": {**figures.get("meta", {}), **meta}}
+    (core.REPO / "bench" / "security.json").write_text(
+        json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n")
+    security.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", figures)
 
 
 def consumer_bench(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, bytes]],

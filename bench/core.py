@@ -23,18 +23,25 @@ if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
 from harness.pipeline import Pipeline, Spawned, parse_events  # noqa: E402
-from harness.servers import ElasticsearchNode, KafkaCluster  # noqa: E402
+from harness.servers import (  # noqa: E402
+    ADMIN_USER,
+    PRODUCER_USER,
+    ElasticsearchNode,
+    KafkaCluster,
+)
 
-__all__ = ["BenchPipeline", "ElasticsearchNode", "KafkaCluster", "Spawned", "parse_events",
-           "servers", "vm_status_kib"]
+__all__ = ["ADMIN_USER", "PRODUCER_USER", "BenchPipeline", "ElasticsearchNode", "KafkaCluster",
+           "Spawned", "parse_events", "servers", "vm_status_kib"]
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
-def servers(brokers: int = 1) -> Iterator[tuple[KafkaCluster, ElasticsearchNode]]:
-    """Kafka and Elasticsearch from the harness, started in parallel (both take a while)."""
+def servers(brokers: int = 1, secure: bool = False,
+            ) -> Iterator[tuple[KafkaCluster, ElasticsearchNode]]:
+    """Kafka and Elasticsearch from the harness, started in parallel (both take a while);
+    ``secure``: with TLS, SCRAM, ACLs and Elasticsearch users (see tests/harness)."""
     made: dict[str, Any] = {}
     errors: list[BaseException] = []
 
@@ -44,8 +51,10 @@ def servers(brokers: int = 1) -> Iterator[tuple[KafkaCluster, ElasticsearchNode]
         except BaseException as exc:  # re-raised below in the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=start, args=("kafka", lambda: KafkaCluster(brokers))),
-               threading.Thread(target=start, args=("es", ElasticsearchNode))]
+    threads = [threading.Thread(target=start, args=("kafka",
+                                                    lambda: KafkaCluster(brokers, secure=secure))),
+               threading.Thread(target=start, args=("es",
+                                                    lambda: ElasticsearchNode(secure=secure)))]
     for t in threads:
         t.start()
     for t in threads:

@@ -26,6 +26,7 @@ is not exactly ``<index>-YYYY.MM.DD``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -46,10 +47,11 @@ from confluent_kafka.admin import (
 )
 from elasticsearch import ApiError, Elasticsearch, NotFoundError, TransportError
 
-from logpipe import log
+from logpipe import log, refusal
 from logpipe.config import Config, ElasticsearchConfig, KafkaConfig
 from logpipe.es import index_name, index_pattern, make_client
 from logpipe.kafka import RdKafkaLogger, client_config
+from logpipe.refusal import KafkaErrorWatch, Refused
 
 # Dead letters are read by people, often after a weekend: keep them 30 days.
 DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
@@ -92,15 +94,25 @@ MAPPINGS: dict[str, Any] = {
 # waiting
 
 
-def wait_for(what: str, probe: Callable[[], T], timeout_s: float, interval_s: float = 1.0) -> T:
-    """Call ``probe`` until it succeeds or ``timeout_s`` passes; then BootstrapError."""
+def wait_for(what: str, probe: Callable[[], T], timeout_s: float, interval_s: float = 1.0,
+             hosts: tuple[str, ...] = ()) -> T:
+    """Call ``probe`` until it succeeds or ``timeout_s`` passes; then BootstrapError.
+
+    A refusal (``Refused``, or an Elasticsearch 401/403/unverifiable certificate from one of
+    ``hosts``) ends the wait at once: it will not go away by waiting.
+    """
     deadline = time.monotonic() + timeout_s
     attempt = 0
     while True:
         attempt += 1
         try:
             return probe()
-        except Exception as exc:  # any failure means "not reachable yet"
+        except Refused:
+            raise
+        except Exception as exc:  # any other failure means "not reachable yet"
+            found = refusal.elasticsearch(exc, hosts) if hosts else None
+            if found is not None:
+                raise Refused(found) from exc
             if time.monotonic() + interval_s > deadline:
                 raise BootstrapError(
                     f"{what} not reachable after {timeout_s:.0f} s: {exc}") from exc
@@ -113,8 +125,20 @@ def wait_for(what: str, probe: Callable[[], T], timeout_s: float, interval_s: fl
 # Kafka
 
 
-def make_admin(cfg: KafkaConfig) -> AdminClient:
-    return AdminClient(client_config(cfg, "logpipe-admin"), logger=RdKafkaLogger())
+def make_admin(cfg: KafkaConfig, watch: KafkaErrorWatch | None = None) -> AdminClient:
+    conf = client_config(cfg, "logpipe-admin")
+    if watch is not None:
+        conf["error_cb"] = watch
+    return AdminClient(conf, logger=RdKafkaLogger())
+
+
+def _kafka_step(exc: KafkaException, topic: str) -> None:
+    """Raise ``Refused`` when a failed admin request on ``topic`` was a missing ACL (the broker
+    is filled in by ``run``)."""
+    found = refusal.kafka(exc.args[0], "")
+    if found is not None:
+        raise Refused(dataclasses.replace(found, detail=f"topic {topic}: {found.detail}")) \
+            from exc
 
 
 def _topic_configs(cfg: KafkaConfig, dlq: bool) -> dict[str, str]:
@@ -139,6 +163,7 @@ def ensure_topic(admin: AdminClient, name: str, partitions: int, replication: in
         try:
             futures[name].result(timeout=timeout_s)
         except KafkaException as exc:
+            _kafka_step(exc, name)
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise BootstrapError(f"create topic {name}: {exc.args[0].str()}") from exc
             # Another deploy created it in the meantime: fine, same settings.
@@ -158,6 +183,7 @@ def ensure_topic(admin: AdminClient, name: str, partitions: int, replication: in
         try:
             futures[name].result(timeout=timeout_s)
         except KafkaException as exc:
+            _kafka_step(exc, name)
             raise BootstrapError(f"grow topic {name} to {partitions} partitions: "
                                  f"{exc.args[0].str()}") from exc
         # Keys move to other partitions from now on: per-key order holds only from here.
@@ -184,6 +210,7 @@ def _sync_topic_configs(admin: AdminClient, name: str, wanted: dict[str, str],
     try:
         entries = next(iter(described.values())).result(timeout=timeout_s)
     except KafkaException as exc:
+        _kafka_step(exc, name)
         raise BootstrapError(f"describe topic {name} configs: {exc.args[0].str()}") from exc
     changes = {k: v for k, v in wanted.items() if k not in entries or entries[k].value != v}
     if not changes:
@@ -195,6 +222,7 @@ def _sync_topic_configs(admin: AdminClient, name: str, wanted: dict[str, str],
     try:
         next(iter(futures.values())).result(timeout=timeout_s)
     except KafkaException as exc:
+        _kafka_step(exc, name)
         raise BootstrapError(f"alter topic {name} configs: {exc.args[0].str()}") from exc
     log.event("topic_config_updated", topic=name,
               configs=" ".join(f"{k}={v}" for k, v in sorted(changes.items())))
@@ -203,8 +231,12 @@ def _sync_topic_configs(admin: AdminClient, name: str, wanted: dict[str, str],
 
 def bootstrap_kafka(cfg: KafkaConfig, wait_timeout_s: float = 60.0) -> dict[str, str]:
     """Ensure the log topic and the DLQ topic; returns {topic: action}."""
-    admin = make_admin(cfg)
-    wait_for(f"kafka {cfg.bootstrap_servers}", lambda: admin.list_topics(timeout=5),
+    watch = KafkaErrorWatch(cfg.bootstrap_servers)
+    admin = make_admin(cfg, watch)
+
+    # A rejected password or certificate is only reported to the error callback, which the
+    # watch serves between short metadata requests: a refusal ends the wait at once.
+    wait_for(f"kafka {cfg.bootstrap_servers}", lambda: watch.list_topics(admin, 5.0),
              wait_timeout_s)
     return {
         cfg.topic: ensure_topic(admin, cfg.topic, cfg.partitions, cfg.replication_factor,
@@ -359,7 +391,8 @@ def bootstrap_elasticsearch(cfg: ElasticsearchConfig, wait_timeout_s: float = 60
                             do_prune: bool = False, es: Elasticsearch | None = None) -> None:
     es = es or make_client(cfg)
     # Cluster health rather than `GET /`: the stripped test distribution answers 405 there.
-    health = wait_for(f"elasticsearch {','.join(cfg.hosts)}", es.cluster.health, wait_timeout_s)
+    health = wait_for(f"elasticsearch {','.join(cfg.hosts)}", es.cluster.health, wait_timeout_s,
+                      hosts=tuple(cfg.hosts))
     log.event("elasticsearch_reachable", cluster=health.get("cluster_name", ""),
               health=health.get("status", ""))
     _check_alias_name_free(es, cfg)
@@ -372,16 +405,18 @@ def bootstrap_elasticsearch(cfg: ElasticsearchConfig, wait_timeout_s: float = 60
 
 def run(cfg: Config, *, only: str | None = None, do_prune: bool = False,
         wait_timeout_s: float = 60.0) -> int:
-    """CLI entry for ``logpipe bootstrap``; ``only`` is None, "kafka" or "elasticsearch"."""
+    """CLI entry for ``logpipe bootstrap``; ``only`` is None, "kafka" or "elasticsearch".
+    Exit 0, 1 (failed) or ``EXIT_REFUSED`` (4: credentials, certificate, ACL/privilege)."""
     try:
         if only in (None, "kafka"):
             bootstrap_kafka(cfg.kafka, wait_timeout_s)
         if only in (None, "elasticsearch"):
             bootstrap_elasticsearch(cfg.elasticsearch, wait_timeout_s, do_prune=do_prune)
-    except BootstrapError as exc:
-        log.error("bootstrap_failed", error=str(exc))
-        return 1
-    except (KafkaException, ApiError, TransportError) as exc:
+    except (Refused, BootstrapError, KafkaException, ApiError, TransportError) as exc:
+        found = refusal.find(exc, cfg.kafka.bootstrap_servers, cfg.elasticsearch.hosts)
+        if found is not None:
+            found.at(cfg.kafka.bootstrap_servers).log()
+            return refusal.EXIT_REFUSED
         log.error("bootstrap_failed", error=str(exc))
         return 1
     log.event("bootstrap_done")
@@ -393,9 +428,13 @@ def run_prune(cfg: Config, wait_timeout_s: float = 60.0) -> int:
     es = make_client(cfg.elasticsearch)
     try:
         wait_for(f"elasticsearch {','.join(cfg.elasticsearch.hosts)}", es.cluster.health,
-                 wait_timeout_s)
+                 wait_timeout_s, hosts=tuple(cfg.elasticsearch.hosts))
         prune(es, cfg.elasticsearch)
-    except (BootstrapError, ApiError, TransportError) as exc:
+    except (Refused, BootstrapError, ApiError, TransportError) as exc:
+        found = refusal.find(exc, cfg.kafka.bootstrap_servers, cfg.elasticsearch.hosts)
+        if found is not None:
+            found.log()
+            return refusal.EXIT_REFUSED
         log.error("prune_failed", error=str(exc))
         return 1
     return 0

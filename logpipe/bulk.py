@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from logpipe.es import index_name
+from logpipe.refusal import ES_PRIVILEGE, Refusal
 
 # Elasticsearch refuses the whole bulk request (not just the item) for an _id over 512 bytes.
 MAX_ID_BYTES = 512
@@ -86,6 +87,9 @@ class BulkOutcome:
     rejected: dict[int, Rejected] = field(default_factory=dict)
     # One retry reason for the log line (the first seen).
     retry_reason: str = ""
+    # Elasticsearch refused us (credentials, certificate, a missing privilege): the refused
+    # items are also in ``retry`` (never handled), but the consumer stops instead of retrying.
+    refusal: Refusal | None = None
 
 
 def now_iso() -> str:
@@ -210,7 +214,8 @@ def error_text(error: object) -> str:
 
 
 def classify_item(status: int, error: object) -> tuple[str, str]:
-    """One bulk item -> (``created`` | ``already_present`` | ``retry`` | ``reject``, reason).
+    """One bulk item -> (``created`` | ``already_present`` | ``retry`` | ``reject`` |
+    ``refuse``, reason).
 
     The reason is a short code: the retry cause, or the dead-letter ``logpipe.reason``.
     """
@@ -219,6 +224,9 @@ def classify_item(status: int, error: object) -> tuple[str, str]:
     err_type = str(error.get("type", "")) if isinstance(error, Mapping) else ""
     if status == 409:
         return "already_present", ""
+    if status == 403 and err_type == "security_exception":
+        # The writer role lacks a privilege on this index: configuration, not data.
+        return "refuse", err_type
     if status == 429 or status >= 500 or err_type in RETRIABLE_ERROR_TYPES:
         return "retry", err_type or f"http_{status}"
     if status == 400:
@@ -227,7 +235,7 @@ def classify_item(status: int, error: object) -> tuple[str, str]:
         if err_type == "illegal_argument_exception":
             return "reject", "illegal_argument"
         return "reject", "rejected"
-    # 401/403/404 and the like are about credentials or the cluster, not this document: keep
+    # 401/404 and the like are about credentials or the cluster, not this document: keep
     # retrying (the log shows why) rather than dead-letter the whole stream.
     return "retry", err_type or f"http_{status}"
 
@@ -283,6 +291,12 @@ def classify(response: Mapping[str, Any], docs: Sequence[Doc]) -> BulkOutcome:
         elif verdict == "retry":
             outcome.retry.append(pos)
             outcome.retry_reason = outcome.retry_reason or reason
+        elif verdict == "refuse":
+            outcome.retry.append(pos)
+            outcome.retry_reason = outcome.retry_reason or reason
+            if outcome.refusal is None:
+                outcome.refusal = Refusal(ES_PRIVILEGE, "host", "",
+                                          f"HTTP 403: {error_text(error)}")
         else:
             outcome.rejected[pos] = Rejected(reason, error_text(error))
     missing = [pos for pos in range(len(docs)) if pos not in seen]

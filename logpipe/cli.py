@@ -1,7 +1,9 @@
 """``logpipe`` command line: argparse front end over the config object and the modules.
 
 Flags override the config file through ``Config.replace`` (validated like the file). Exit codes:
-0 success, 1 runtime failure, 2 bad usage or bad configuration (``check`` uses Nagios codes).
+0 success, 1 runtime failure, 2 bad usage or bad configuration, 4 refused by a server (wrong
+credentials, an unverifiable certificate, a missing ACL or privilege: see ``logpipe.refusal``).
+``check`` uses Nagios codes (a refusal is CRITICAL).
 Heavy modules are imported inside each command so ``--help`` and ``config show`` stay fast and
 work even on a host where a client library is broken.
 """
@@ -21,6 +23,7 @@ from typing import Any
 
 from logpipe import __version__, config, log
 from logpipe.config import Config, ConfigError
+from logpipe.refusal import EXIT_REFUSED, Refused
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -297,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"logpipe: config error: {exc}", file=sys.stderr)
         return 2
+    except Refused as exc:
+        exc.refusal.log()
+        return EXIT_REFUSED
     except _UsageError as exc:
         parser.error(str(exc))  # exits 2
     except KeyboardInterrupt:

@@ -264,10 +264,19 @@ def _check_section(section: str, cfg: Any) -> None:
                 f"({cfg.min_insync_replicas} > {cfg.replication_factor})")
         if cfg.topic == cfg.dlq_topic:
             raise ConfigError("kafka.dlq_topic: must differ from kafka.topic")
-        if cfg.security_protocol.startswith("SASL") and not cfg.sasl_mechanism:
-            raise ConfigError("kafka.sasl_mechanism: required when security_protocol is SASL_*")
+        if cfg.security_protocol.startswith("SASL"):
+            for key in ("sasl_mechanism", "sasl_username", "sasl_password_file"):
+                if not getattr(cfg, key):
+                    raise ConfigError(f"kafka.{key}: required when security_protocol is SASL_*")
+        if cfg.ssl_ca_location and not cfg.security_protocol.endswith("SSL"):
+            # A CA file with a plaintext protocol means TLS was meant but is not on.
+            raise ConfigError("kafka.ssl_ca_location: set, but security_protocol "
+                              f"{cfg.security_protocol} does not use TLS")
     if section == "elasticsearch" and not cfg.hosts:
         raise ConfigError("elasticsearch.hosts: at least one host is required")
+    if section == "elasticsearch" and cfg.username and not cfg.password_file \
+            and not cfg.api_key_file:
+        raise ConfigError("elasticsearch.password_file: required when username is set")
     if section == "consumer" and cfg.retry_max_backoff_s < cfg.retry_initial_backoff_s:
         raise ConfigError("consumer.retry_max_backoff_s: must be >= retry_initial_backoff_s")
     if section == "check":
@@ -333,11 +342,21 @@ def load(path: str | os.PathLike[str] | None = None,
 
 
 def read_secret(path: str, key: str) -> str:
-    """The content of a secret file (trailing newline stripped), or a ConfigError naming the key."""
+    """The content of a secret file (trailing newline stripped), or a ConfigError naming the key.
+
+    A file other users may read is used but warned about (the secret is as good as public on
+    that host); the warning names the file, never its content.
+    """
     try:
-        return Path(path).read_text(encoding="utf-8").rstrip("\n")
+        secret = Path(path).read_text(encoding="utf-8").rstrip("\n")
+        mode = os.stat(path).st_mode & 0o777
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read secret file {path}: {exc.strerror}") from None
+    if mode & 0o007:
+        from logpipe import log  # local: log is a leaf module, config must stay importable alone
+
+        log.warning("secret_file_readable_by_others", key=key, path=path, mode=f"{mode:04o}")
+    return secret
 
 
 def masked(cfg: Config) -> dict[str, dict[str, Any]]:

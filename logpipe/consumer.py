@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from elastic_transport import OrjsonSerializer
 from elasticsearch import ApiError, Elasticsearch, TransportError
 
-from logpipe import log, sdnotify
+from logpipe import log, refusal, sdnotify
 from logpipe.bulk import (
     BulkOutcome,
     Doc,
@@ -37,13 +37,16 @@ from logpipe.bulk import now_iso as _now_iso
 from logpipe.config import Config, ConfigError
 from logpipe.dlq import DeadLetter, DeadLetterQueue
 from logpipe.es import make_client
-from logpipe.kafka import client_config
+from logpipe.kafka import RdKafkaLogger, client_config
 from logpipe.offsets import OffsetTracker, PartitionKey
+from logpipe.refusal import Refusal
 
 STATUS_INTERVAL_S = 10.0
 # While retrying, poll this often so rebalance callbacks run and the group keeps us.
 PAUSED_POLL_S = 0.2
 READY_MAX_BACKOFF_S = 10.0
+# How long one readiness check waits for Kafka metadata.
+READY_METADATA_TIMEOUT_S = 5.0
 # Slice of the poll timeout spent in one consume() call while collecting a batch.
 FETCH_SLICE_S = 0.1
 # How often the main thread wakes up (watchdog, shutdown deadline) while a bulk request runs.
@@ -105,6 +108,8 @@ class SinkConsumer:
         self._watchdog = sdnotify.Watchdog()
         self._pool: ThreadPoolExecutor | None = None
         self._fatal: KafkaError | None = None
+        # The first refusal (credentials, certificate, ACL/privilege): stops the loop.
+        self._refusal: Refusal | None = None
         self._last_status = time.monotonic()
         self._status_done = 0
 
@@ -143,6 +148,8 @@ class SinkConsumer:
         try:
             if not self._wait_ready():
                 code = 0 if self.stopping else 1
+                if self._refusal is not None:
+                    code = refusal.EXIT_REFUSED
                 return code
             self._consumer.subscribe([kcfg.topic], on_assign=self._on_assign,
                                      on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -150,7 +157,9 @@ class SinkConsumer:
             self.ready.set()
             log.event("ready", topic=kcfg.topic)
             self._loop()
-            if self._fatal is not None:
+            if self._refusal is not None:
+                code = refusal.EXIT_REFUSED
+            elif self._fatal is not None:
                 log.error("consumer_failed", error=str(self._fatal))
                 code = 1
         except KafkaException as exc:
@@ -161,12 +170,23 @@ class SinkConsumer:
             code = 1
         finally:
             self._close()
+            if self._refusal is not None:
+                # Last, after the shutdown summary: the line an operator reads first.
+                self._refusal.log()
         return code
+
+    def _refused_by(self, exc: BaseException) -> Refusal | None:
+        return refusal.find(exc, self.cfg.kafka.bootstrap_servers, self.cfg.elasticsearch.hosts)
+
+    def _refuse(self, found: Refusal) -> None:
+        if self._refusal is None:
+            self._refusal = found
 
     def _open(self) -> None:
         kcfg, ccfg = self.cfg.kafka, self.cfg.consumer
         if self._consumer is None:
-            self._consumer = Consumer(consumer_config(self.cfg, error_cb=self._on_error))
+            self._consumer = Consumer(consumer_config(self.cfg, error_cb=self._on_error),
+                                      logger=RdKafkaLogger())
         if self._es is None:
             self._es = make_es_client(self.cfg)
         if self._dlq is None:
@@ -179,6 +199,7 @@ class SinkConsumer:
         self.left_for_redelivery += left
         if self._consumer is not None:
             try:
+                # Only handled positions: a refusal never moves a commit past unindexed data.
                 self._commit()
             except Exception as exc:
                 log.warning("commit_failed", error=str(exc))
@@ -207,26 +228,42 @@ class SinkConsumer:
             self._watchdog.ping()
             problems = []
             try:
-                meta = self._consumer.list_topics(topic, timeout=5.0)
+                meta = self._metadata(topic, READY_METADATA_TIMEOUT_S)
                 info = meta.topics.get(topic)
+                if info is not None and info.error is not None:
+                    found = refusal.kafka(info.error, self.cfg.kafka.bootstrap_servers)
+                    if found is not None:
+                        self._refuse(found)
                 if info is None or info.error is not None or not info.partitions:
                     problems.append(f"kafka topic {topic}: "
                                     f"{info.error if info is not None else 'missing'}")
             except KafkaException as exc:
                 problems.append(f"kafka: {exc}")
+            if self._refusal is not None:
+                return False
             try:
                 assert self._es is not None
                 # Not info()/ping(): `GET /` lives in a module minimal distributions leave out.
                 self._es.cluster.health()
             except ApiError as exc:
-                # 403: the cluster answers but our (index-only) role may not read its health.
-                if exc.meta.status != 403:
+                # 403: the cluster answers but our (index-only) role may not read its health;
+                # the first bulk request says whether it may write. 401 is a refusal.
+                if exc.meta.status == 401:
+                    self._refuse(self._refused_by(exc) or refusal.Refusal(
+                        refusal.ES_AUTH, "host", ",".join(self.cfg.elasticsearch.hosts),
+                        exc.message))
+                elif exc.meta.status != 403:
                     problems.append(f"elasticsearch: HTTP {exc.meta.status}: {exc.message}")
             except Exception as exc:
+                found = self._refused_by(exc)
+                if found is not None:
+                    self._refuse(found)
                 problems.append(f"elasticsearch: {type(exc).__name__}: {exc}")
+            if self._refusal is not None:
+                return False
             if not problems:
                 self._check_dlq_topic()
-                return True
+                return self._refusal is None
             if give_up is not None and time.monotonic() >= give_up:
                 log.error("not_ready", reason="; ".join(problems))
                 return False
@@ -238,6 +275,32 @@ class SinkConsumer:
             delay = min(delay * 2, READY_MAX_BACKOFF_S)
         return False
 
+    def _metadata(self, topic: str, timeout_s: float) -> Any:
+        """``list_topics(topic)`` in short slices with the error callback served between them.
+
+        A rejected password or certificate reaches only the error callback, which runs from
+        poll(): a refusal then ends the wait within a slice instead of at the timeout. Not
+        subscribed yet, poll() returns only errors, such as the group coordinator lookup's
+        GROUP_AUTHORIZATION_FAILED (reported once): those are never dropped.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                meta = self._consumer.list_topics(topic, timeout=max(0.1, min(1.0, left)))
+            except KafkaException:
+                self._serve_errors()
+                if left <= 1.0 or self._refusal is not None:
+                    raise
+                continue
+            self._serve_errors()
+            return meta
+
+    def _serve_errors(self) -> None:
+        event = self._consumer.poll(0)
+        if event is not None and event.error() is not None:
+            self._accept([event])
+
     def _check_dlq_topic(self) -> None:
         """Warn early when the dead-letter topic is missing (dead-lettering would stall)."""
         dlq_topic = self.cfg.kafka.dlq_topic
@@ -246,6 +309,12 @@ class SinkConsumer:
         except KafkaException as exc:
             log.warning("dlq_topic_unknown", topic=dlq_topic, error=str(exc))
             return
+        if info is not None and info.error is not None:
+            found = refusal.kafka(info.error, self.cfg.kafka.bootstrap_servers)
+            if found is not None:
+                # Without WRITE on the DLQ topic no rejected document could ever be handled.
+                self._refuse(found)
+                return
         if info is None or info.error is not None:
             log.warning("dlq_topic_missing", topic=dlq_topic,
                         error=str(info.error) if info is not None else "missing")
@@ -257,7 +326,7 @@ class SinkConsumer:
         run_once = ccfg.max_batches > 0
         unassigned_since = time.monotonic()
         unassigned_limit = ccfg.session_timeout_ms / 1000 + 10.0
-        while not self.stopping and self._fatal is None:
+        while not self.stopping and self._fatal is None and self._refusal is None:
             self._tick()
             batch = self._fetch()
             if batch:
@@ -299,6 +368,7 @@ class SinkConsumer:
             batch.extend(self._accept(self._consumer.consume(
                 size - len(batch), max(0.0, min(FETCH_SLICE_S, left)))))
             if left <= FETCH_SLICE_S or self._fatal is not None or self.stopping \
+                    or self._refusal is not None \
                     or (run_once and self._assigned and self._eof >= self._assigned):
                 break
             self._watchdog.ping()
@@ -313,6 +383,8 @@ class SinkConsumer:
                     eof_topic, eof_partition = msg.topic(), msg.partition()
                     if eof_topic is not None and eof_partition is not None:
                         self._eof.add((eof_topic, eof_partition))
+                elif (found := refusal.kafka(err, self.cfg.kafka.bootstrap_servers)) is not None:
+                    self._refuse(found)
                 elif err.fatal():
                     self._fatal = err
                 else:
@@ -360,13 +432,15 @@ class SinkConsumer:
                 for pos, rejected in outcome.rejected.items():
                     to_index[pos].rejected = rejected
                 retry.extend(to_index[pos] for pos in outcome.retry)
+                if outcome.refusal is not None:
+                    self._refuse(outcome.refusal.at(",".join(self.cfg.elasticsearch.hosts)))
                 created += len(outcome.created)
                 present += len(outcome.already_present)
                 self.indexed += len(outcome.created)
                 self.already_present += len(outcome.already_present)
                 reason = outcome.retry_reason
             to_dlq = [m for m in remaining if m.rejected is not None]
-            if to_dlq:
+            if to_dlq and self._refusal is None:
                 acked = self._dead_letter(to_dlq)
                 for m, ok in zip(to_dlq, acked, strict=True):
                     if ok:
@@ -376,8 +450,13 @@ class SinkConsumer:
                     else:
                         retry.append(m)
                         reason = reason or "dlq_delivery"
+                if self._dlq is not None and self._dlq.refusal is not None:
+                    self._refuse(self._dlq.refusal)
+            else:
+                retry.extend(to_dlq)
             remaining = retry
-            if not remaining:
+            if not remaining or self._refusal is not None:
+                # Refused: what is not handled stays uncommitted for the next start.
                 break
             if self._stop.is_set() and self._past_shutdown_deadline():
                 break
@@ -435,6 +514,7 @@ class SinkConsumer:
             merged.retry.extend(base + p for p in outcome.retry)
             merged.rejected.update({base + p: r for p, r in outcome.rejected.items()})
             merged.retry_reason = merged.retry_reason or outcome.retry_reason
+            merged.refusal = merged.refusal or outcome.refusal
             base += len(part)
         return merged
 
@@ -449,9 +529,17 @@ class SinkConsumer:
         except ApiError as exc:
             reason = f"http_{exc.meta.status}"
             detail = str(exc)[:300]
+            found = refusal.elasticsearch(exc, self.cfg.elasticsearch.hosts)
+            if found is not None:
+                return BulkOutcome(retry=list(range(len(docs))), retry_reason=reason,
+                                   refusal=found)
         except TransportError as exc:
             reason = type(exc).__name__
             detail = str(exc)[:300]
+            found = refusal.elasticsearch(exc, self.cfg.elasticsearch.hosts)
+            if found is not None:
+                return BulkOutcome(retry=list(range(len(docs))), retry_reason=reason,
+                                   refusal=found)
         except Exception as exc:
             reason = type(exc).__name__
             detail = str(exc)[:300]
@@ -520,6 +608,9 @@ class SinkConsumer:
         try:
             result = self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
+            found = self._refused_by(exc)
+            if found is not None:
+                self._refuse(found)
             # Typically a rebalance in progress: the positions stay pending and are retried
             # with the next commit (or by the revoke callback).
             log.warning("commit_failed", error=str(exc), partitions=len(offsets))
@@ -529,6 +620,9 @@ class SinkConsumer:
             if tp.error is None:
                 done[(tp.topic, tp.partition)] = tp.offset
             else:
+                found = refusal.kafka(tp.error, self.cfg.kafka.bootstrap_servers)
+                if found is not None:
+                    self._refuse(found)
                 log.warning("commit_failed", partition=tp.partition, error=str(tp.error))
         self._tracker.mark_committed(done)
         return done
@@ -575,7 +669,10 @@ class SinkConsumer:
         return dropped
 
     def _on_error(self, err: KafkaError) -> None:
-        if err.fatal():
+        found = refusal.kafka(err, self.cfg.kafka.bootstrap_servers)
+        if found is not None:
+            self._refuse(found)
+        elif err.fatal():
             self._fatal = err
             log.error("kafka_fatal", error=str(err))
         else:

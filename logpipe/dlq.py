@@ -16,7 +16,8 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from logpipe import log
 from logpipe.config import KafkaConfig
-from logpipe.kafka import client_config
+from logpipe.kafka import RdKafkaLogger, client_config
+from logpipe.refusal import KafkaErrorWatch, Refusal
 
 # Keep the copy well under the broker's default max.message.bytes (1 MiB, per record batch)
 # and librdkafka's message.max.bytes, with room for key and headers.
@@ -62,6 +63,9 @@ class DeadLetterQueue:
         self._topic = cfg.dlq_topic
         self._flush_timeout_s = flush_timeout_s
         self._tick = tick
+        # A refused copy (no WRITE ACL on the DLQ topic, bad credentials) is unacknowledged like
+        # any failed one; the consumer also stops on it, since retrying cannot help.
+        self._watch = KafkaErrorWatch(cfg.bootstrap_servers)
         if producer is None:
             conf = {
                 "linger.ms": 5,
@@ -71,9 +75,14 @@ class DeadLetterQueue:
                 **client_config(cfg, "logpipe-dlq"),
                 "enable.idempotence": True,
                 "acks": "all",
+                "error_cb": self._watch,
             }
-            producer = Producer(conf)
+            producer = Producer(conf, logger=RdKafkaLogger())
         self._producer = producer
+
+    @property
+    def refusal(self) -> Refusal | None:
+        return self._watch.refusal
 
     def _flush(self, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s
@@ -81,7 +90,7 @@ class DeadLetterQueue:
             remaining = int(self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic()))))
             if self._tick is not None:
                 self._tick()
-            if remaining == 0 or time.monotonic() >= deadline:
+            if remaining == 0 or time.monotonic() >= deadline or self.refusal is not None:
                 return remaining
 
     def send(self, letters: Sequence[DeadLetter], timeout_s: float | None = None) -> list[bool]:
@@ -93,6 +102,7 @@ class DeadLetterQueue:
                 if err is None:
                     acked[pos] = True
                 else:
+                    self._watch(err)
                     log.warning("dlq_delivery_failed", error=str(err),
                                 source_partition=letters[pos].partition,
                                 source_offset=letters[pos].offset)
@@ -123,4 +133,8 @@ class DeadLetterQueue:
 
     def close(self, timeout_s: float = 10.0) -> int:
         """Flush what is left; the number of messages still undelivered."""
+        if self.refusal is not None:
+            # Nothing queued can be delivered with a refused identity: do not wait for it.
+            self._producer.purge()
+            timeout_s = 0.0
         return int(self._producer.flush(timeout_s))

@@ -21,9 +21,11 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from elasticsearch import ApiError, TransportError
 
+from logpipe import refusal
 from logpipe.config import CheckConfig, Config, ElasticsearchConfig, KafkaConfig
 from logpipe.es import make_client
 from logpipe.kafka import RdKafkaLogger, client_config
+from logpipe.refusal import KafkaErrorWatch, Refusal, Refused
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -81,6 +83,9 @@ class Status:
     kafka: KafkaStatus | None = None
     elasticsearch: EsStatus | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    # Parts a server refused to show us (credentials, certificate, ACL): a configuration
+    # problem, reported as such (exit 4 for status, CRITICAL for check).
+    refusals: list[Refusal] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"errors": self.errors}
@@ -123,16 +128,24 @@ def _committed(consumer: Consumer, tps: list[TopicPartition], timeout_s: float,
 
 
 def kafka_status(cfg: KafkaConfig, timeout_s: float = _TIMEOUT_S) -> KafkaStatus:
+    watch = KafkaErrorWatch(cfg.bootstrap_servers)
     consumer = Consumer({
         **client_config(cfg, "logpipe-status"),
         "group.id": cfg.group_id,
         "enable.auto.commit": False,
+        "error_cb": watch,
     }, logger=RdKafkaLogger())
     try:
-        metadata = consumer.list_topics(timeout=timeout_s)
+        # A rejected password or certificate reaches only the error callback: report that
+        # (within a second) rather than the metadata timeout it causes.
+        metadata = watch.list_topics(consumer, timeout_s)
         found: dict[str, list[int]] = {}
         for name in (cfg.topic, cfg.dlq_topic):
             topic = metadata.topics.get(name)
+            if topic is not None and topic.error is not None:
+                denied = refusal.kafka(topic.error, cfg.bootstrap_servers)
+                if denied is not None:
+                    raise Refused(denied)
             if topic is None or topic.error is not None:
                 raise StatusError(f"kafka topic {name} does not exist (run logpipe bootstrap)")
             found[name] = sorted(topic.partitions)
@@ -164,14 +177,21 @@ def es_status(cfg: ElasticsearchConfig) -> EsStatus:
 def collect(cfg: Config) -> Status:
     """Everything ``status`` shows; a part that cannot be read is recorded in ``errors``."""
     status = Status()
+    bootstrap, hosts = cfg.kafka.bootstrap_servers, cfg.elasticsearch.hosts
     try:
         status.kafka = kafka_status(cfg.kafka)
-    except (KafkaException, StatusError) as exc:
+    except (Refused, KafkaException, StatusError) as exc:
         status.errors["kafka"] = str(exc)
+        found = refusal.find(exc, bootstrap, hosts)
+        if found is not None:
+            status.refusals.append(found)
     try:
         status.elasticsearch = es_status(cfg.elasticsearch)
     except (ApiError, TransportError) as exc:
         status.errors["elasticsearch"] = str(exc)
+        found = refusal.find(exc, bootstrap, hosts)
+        if found is not None:
+            status.refusals.append(found)
     return status
 
 
@@ -198,9 +218,14 @@ def format_status(status: Status) -> str:
 
 
 def status_command(cfg: Config, as_json: bool = False) -> tuple[int, str]:
-    """``(exit code, text)``: 1 if any part could not be read."""
+    """``(exit code, text)``: 1 if any part could not be read, ``EXIT_REFUSED`` (4) if a
+    server refused us (each refusal is also logged as an ``event=fatal`` line)."""
     status = collect(cfg)
     text = json.dumps(status.as_dict(), indent=2) if as_json else format_status(status)
+    for found in status.refusals:
+        found.log()
+    if status.refusals:
+        return refusal.EXIT_REFUSED, text
     return (1 if status.errors else 0), text
 
 
@@ -219,6 +244,11 @@ def _level(value: float, warning: float, critical: float) -> int:
 
 def evaluate(status: Status, limits: CheckConfig) -> tuple[int, str]:
     """``(exit code, the one output line)`` for ``logpipe check``."""
+    if status.refusals:
+        # Refused credentials, certificate or permissions: broken configuration, which a
+        # monitoring system should see as CRITICAL (like a bad config file), not UNKNOWN.
+        why = "; ".join(r.text() for r in status.refusals)
+        return CRITICAL, f"LOGPIPE CRITICAL - {why}"
     if status.kafka is None or status.elasticsearch is None:
         why = "; ".join(f"{part}: {msg}" for part, msg in status.errors.items()) or "no data"
         return UNKNOWN, f"LOGPIPE UNKNOWN - {why}"

@@ -22,15 +22,18 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from logpipe import log
+from logpipe import log, refusal
 from logpipe.config import Config
 from logpipe.generator import LogGenerator
 from logpipe.kafka import RdKafkaLogger, client_config
+from logpipe.refusal import KafkaErrorWatch, Refusal
 
 # Messages generated per chunk in one-shot mode; bounds memory and keeps polling regular.
 _CHUNK = 1000
 # Delivery errors logged individually before only counting them (a dead broker fails thousands).
 _MAX_ERRORS_LOGGED = 5
+# Flush in slices this long so a refusal reported meanwhile ends the wait at once.
+_FLUSH_SLICE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class ProduceResult:
     delivered: int  # acknowledged by the brokers (acks=all)
     failed: int  # negative delivery report
     elapsed_s: float
+    # Set when a broker refused us (credentials, certificate, ACL): the run stopped early.
+    refusal: Refusal | None = None
 
     @property
     def undelivered(self) -> int:
@@ -47,7 +52,7 @@ class ProduceResult:
 
     @property
     def ok(self) -> bool:
-        return self.undelivered == 0
+        return self.undelivered == 0 and self.refusal is None
 
     @property
     def rate(self) -> float:
@@ -72,23 +77,27 @@ def producer_config(cfg: Config) -> dict[str, Any]:
 class _Delivery:
     """Counts delivery reports (called from ``poll``/``flush`` in this thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, watch: KafkaErrorWatch) -> None:
         self.delivered = 0
         self.failed = 0
+        self._watch = watch
 
     def __call__(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
             return
         self.failed += 1
-        if self.failed <= _MAX_ERRORS_LOGGED:
+        # A missing ACL shows only here (TOPIC_AUTHORIZATION_FAILED on every message).
+        self._watch(err)
+        if self.failed <= _MAX_ERRORS_LOGGED and err.code() != KafkaError._PURGE_QUEUE:
+            # (Purged messages are the ones dropped after a refusal, which is logged.)
             log.error("delivery_failed", topic=msg.topic(), error=err.str(),
                       code=err.name(), retriable=err.retriable())
 
 
 def _send(producer: Producer, topic: str, key: bytes, value: bytes, on_delivery: _Delivery,
-          ) -> None:
-    while True:
+          watch: KafkaErrorWatch) -> None:
+    while watch.refusal is None:
         try:
             producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
             return
@@ -109,8 +118,9 @@ def produce(cfg: Config, count: int, rate: float = 0, duration: float = 0,
     stop = stop or threading.Event()
     generator = LogGenerator(seed)
     topic = cfg.kafka.topic
-    producer = Producer(producer_config(cfg), logger=RdKafkaLogger())
-    delivery = _Delivery()
+    watch = KafkaErrorWatch(cfg.kafka.bootstrap_servers)
+    producer = Producer({**producer_config(cfg), "error_cb": watch}, logger=RdKafkaLogger())
+    delivery = _Delivery(watch)
     if rate > 0 and duration > 0:
         target: int | None = int(rate * duration)
     elif duration > 0:
@@ -124,7 +134,7 @@ def produce(cfg: Config, count: int, rate: float = 0, duration: float = 0,
     produced = 0
     started = time.monotonic()
     deadline = started + duration if duration > 0 else None
-    while not stop.is_set() and (target is None or produced < target):
+    while not stop.is_set() and watch.refusal is None and (target is None or produced < target):
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             break
@@ -151,24 +161,43 @@ def produce(cfg: Config, count: int, rate: float = 0, duration: float = 0,
             try:
                 send(topic, value=value, key=key, on_delivery=delivery)
             except BufferError:
-                _send(producer, topic, key, value, delivery)
+                _send(producer, topic, key, value, delivery, watch)
         produced += n
         producer.poll(0)
 
-    remaining = producer.flush(cfg.producer.flush_timeout_s)
+    remaining = _flush(producer, cfg.producer.flush_timeout_s, watch)
     elapsed = time.monotonic() - started
     result = ProduceResult(produced=produced, delivered=delivery.delivered,
-                           failed=delivery.failed, elapsed_s=elapsed)
+                           failed=delivery.failed, elapsed_s=elapsed, refusal=watch.refusal)
     log.event("produce_done", produced=produced, delivered=result.delivered,
               failed=result.failed, seconds=round(elapsed, 3), rate=round(result.rate, 1))
-    if not result.ok:
+    if result.refusal is not None:
+        result.refusal.log()
+    elif not result.ok:
         log.error("produce_incomplete", undelivered=result.undelivered, failed=result.failed,
                   still_queued=remaining, flush_timeout_s=cfg.producer.flush_timeout_s)
     return result
 
 
+def _flush(producer: Producer, timeout_s: float, watch: KafkaErrorWatch) -> int:
+    """Wait for delivery reports; on a refusal drop what is queued (it cannot be delivered with
+    these credentials) instead of waiting out the timeout. Returns the messages left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = int(producer.flush(min(_FLUSH_SLICE_S, max(0.0, deadline - time.monotonic()))))
+        if remaining and watch.refusal is not None:
+            producer.purge()
+            producer.flush(0)
+            return remaining
+        if remaining == 0 or time.monotonic() >= deadline:
+            return remaining
+
+
 def run(cfg: Config, stop: threading.Event | None = None) -> int:
-    """CLI entry: ``cfg.producer`` carries count/rate/duration/seed; exit 0 or 1."""
+    """CLI entry: ``cfg.producer`` carries count/rate/duration/seed; exit 0, 1 or
+    ``EXIT_REFUSED`` (4) when a broker refused the credentials, the CA or an ACL."""
     p = cfg.producer
     result = produce(cfg, p.count, rate=p.rate, duration=p.duration_s, seed=p.seed, stop=stop)
+    if result.refusal is not None:
+        return refusal.EXIT_REFUSED
     return 0 if result.ok else 1

@@ -21,7 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .servers import QUIET_RDKAFKA, REPO, RUN_ROOT, ElasticsearchNode, KafkaCluster
+from .servers import (
+    ADMIN_USER,
+    CONSUMER_USER,
+    ES_WRITER_USER,
+    PRODUCER_USER,
+    QUIET_RDKAFKA,
+    REPO,
+    RUN_ROOT,
+    SCRAM,
+    ElasticsearchNode,
+    KafkaCluster,
+)
 
 # Per pytest process: other people's sessions run in the same tree at the same time.
 FIGURES_FILE = RUN_ROOT / f"figures-{os.getpid()}.jsonl"
@@ -119,6 +130,11 @@ class Pipeline:
         self.dlq_topic = f"{self.topic}.dlq"
         self.group_id = f"it-{slug}-{suffix}-group"
         self.index = f"it-{slug}-{suffix}"
+        if self.es_node.secure:
+            # The writer role covers `web-logs-topic*` only, like the deployed one.
+            self.index = f"web-logs-topic-{self.index}"
+        if self.kafka.secure:
+            self.kafka.grant_logpipe(self.topic, self.dlq_topic, self.group_id)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "logpipe.toml"
         self.write_config()
@@ -158,6 +174,19 @@ class Pipeline:
             },
             "logging": {"level": "INFO"},
         }
+        if self.kafka.secure:
+            # The config file is the consumer's (consume, status, check); bootstrap and produce
+            # run as their own principals through the environment (principal_env).
+            base["kafka"].update({
+                "security_protocol": "SASL_SSL", "sasl_mechanism": SCRAM,
+                "sasl_username": CONSUMER_USER,
+                "sasl_password_file": str(self.kafka.password_file(CONSUMER_USER)),
+                "ssl_ca_location": str(self.kafka.ca_path)})
+        if self.es_node.secure:
+            base["elasticsearch"].update({
+                "username": ES_WRITER_USER,
+                "password_file": str(self.es_node.password_file(ES_WRITER_USER)),
+                "ca_certs": str(self.es_node.ca_path)})
         for section, values in self.overrides.items():
             base.setdefault(section, {}).update(values)
         return base
@@ -185,6 +214,13 @@ class Pipeline:
         env["PYTHONUNBUFFERED"] = "1"
         env.update(extra or {})
         return env
+
+    def principal_env(self, user: str) -> dict[str, str]:
+        """Environment that makes the CLI talk to Kafka as ``user`` ({} when plaintext)."""
+        if not self.kafka.secure:
+            return {}
+        return {"LOGPIPE_KAFKA_SASL_USERNAME": user,
+                "LOGPIPE_KAFKA_SASL_PASSWORD_FILE": str(self.kafka.password_file(user))}
 
     def argv(self, *args: str) -> list[str]:
         # The config file reaches the CLI through LOGPIPE_CONFIG (see env()).
@@ -227,13 +263,13 @@ class Pipeline:
     # -- setup shortcuts -------------------------------------------------------------------------
 
     def bootstrap(self) -> Completed:
-        return self.cli("bootstrap", timeout=120)
+        return self.cli("bootstrap", timeout=120, env=self.principal_env(ADMIN_USER))
 
     def produce(self, count: int, *, seed: int | None = None) -> Completed:
         args = ["produce", "--count", str(count)]
         if seed is not None:
             args += ["--seed", str(seed)]
-        return self.cli(*args, timeout=300)
+        return self.cli(*args, timeout=300, env=self.principal_env(PRODUCER_USER))
 
     def consume_all(self, *, batch_size: int = 500, max_batches: int = 10_000,
                     timeout: float = 300.0) -> Completed:
@@ -253,6 +289,7 @@ class Pipeline:
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
             "logger": QUIET_RDKAFKA,
+            **self.kafka.client_conf(),
         })
 
     @property

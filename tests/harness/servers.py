@@ -15,15 +15,28 @@ Typical use::
         es.stop(); es.start()     # same data directory: the documents are still there
 
 Test-only conveniences (relaxed disk watermarks, tiny heaps, security off) live only here.
+
+``secure=True`` gives the same servers with security on, the way issue 9 wants production:
+Kafka with a ``SASL_SSL`` client listener (SCRAM-SHA-512 users made at format time), mutual TLS
+with certificate principals on the controller listener, ``StandardAuthorizer`` denying whatever
+no ACL allows, and least-privilege ACLs for logpipe's producer, consumer and admin principals
+(``grant_logpipe``); Elasticsearch with security on, TLS on HTTP and transport, the bootstrap
+password in its keystore, file-realm users and a ``logpipe_writer`` role limited to
+``web-logs-topic*``. Certificates come from a throwaway CA (``tls.TestCA``). Passwords are
+random per server set and written to 0600 files (``password_file(user)``), which is how the
+package reads them too. The harness's own ground-truth clients use a super user
+(``client_conf()`` / ``client()``).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -34,11 +47,14 @@ import time
 import uuid
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 import urllib3
+
+from .tls import TestCA
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("LOGPIPE_CACHE", REPO / ".cache"))
@@ -299,6 +315,17 @@ logger.raft.level = WARN
 """
 
 
+SCRAM = "SCRAM-SHA-512"
+# Principals of the secure cluster: the brokers (also their certificate CN), the harness's
+# super user for ground truth, and logpipe's three least-privilege principals.
+BROKER_USER = "kafka-broker"
+HARNESS_ADMIN = "harness-admin"
+PRODUCER_USER = "logpipe-producer"
+CONSUMER_USER = "logpipe-consumer"
+ADMIN_USER = "logpipe-admin"
+KAFKA_USERS = (BROKER_USER, HARNESS_ADMIN, PRODUCER_USER, CONSUMER_USER, ADMIN_USER)
+
+
 def _kafka_cluster_id() -> str:
     """A random Kafka Uuid (16 bytes, URL-safe base64 without padding) without a JVM start."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -338,13 +365,18 @@ class KafkaCluster:
     """
 
     def __init__(self, brokers: int = 1, *, extra_props: Mapping[str, str] | None = None,
-                 start: bool = True) -> None:
+                 start: bool = True, secure: bool = False) -> None:
         if brokers < 1:
             raise ValueError("brokers must be >= 1")
         self.broker_count = brokers
         self.extra_props = dict(extra_props or {})
-        self.root = new_run_dir(f"kafka{brokers}")
+        self.secure = secure
+        self.root = new_run_dir(f"kafka{brokers}{'-secure' if secure else ''}")
         self.cluster_id = _kafka_cluster_id()
+        self.passwords: dict[str, str] = {}
+        self.ca: TestCA | None = None
+        if secure:
+            self._make_security()
         self.start_seconds: float | None = None
         self._home = kafka_home()
         self._java = java_home() / "bin" / "java"
@@ -444,7 +476,111 @@ class KafkaCluster:
 
         return AdminClient({"bootstrap.servers": self.bootstrap_servers,
                             "logger": QUIET_RDKAFKA, "reconnect.backoff.max.ms": 500,
-                            **conf})
+                            **self.client_conf(), **conf})
+
+    # -- security (secure=True) ----------------------------------------------------------------
+
+    @property
+    def ca_path(self) -> Path:
+        if self.ca is None:
+            raise HarnessError("this Kafka cluster was started without secure=True")
+        return self.ca.cert_path
+
+    def client_conf(self, user: str = HARNESS_ADMIN) -> dict[str, str]:
+        """librdkafka security properties for ``user`` ({} on a plaintext cluster). The
+        default is the harness's super user, for ground truth and test setup."""
+        if not self.secure:
+            return {}
+        return {"security.protocol": "sasl_ssl", "sasl.mechanism": SCRAM,
+                "sasl.username": user, "sasl.password": self.passwords[user],
+                "ssl.ca.location": str(self.ca_path)}
+
+    def password_file(self, user: str) -> Path:
+        """A 0600 file holding ``user``'s SCRAM password (what logpipe's *_file keys read)."""
+        path = self.root / "secrets" / f"{user}.password"
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.passwords[user] + "\n")
+        return path
+
+    def grant_logpipe(self, topic: str = "web-logs-topic", dlq_topic: str = "web-logs-topic.dlq",
+                      group: str = "elasticsearch-consumer-group") -> None:
+        """Least-privilege ACLs (literal names) for logpipe's three principals:
+
+        * producer: write ``topic`` (+ IdempotentWrite on the cluster);
+        * consumer: read ``topic`` and ``group``, write ``dlq_topic`` (its DLQ producer is
+          idempotent too); ``status``/``check`` run as this principal;
+        * admin (``bootstrap``): create, describe, alter and (describe/alter) configs of both
+          topics.
+
+        Nobody else gets anything (``allow.everyone.if.no.acl.found=false``).
+        """
+        from confluent_kafka.admin import (
+            AclBinding,
+            AclOperation,
+            AclPermissionType,
+            ResourcePatternType,
+            ResourceType,
+        )
+
+        def allow(user: str, rtype: ResourceType, name: str, op: AclOperation) -> AclBinding:
+            return AclBinding(rtype, name, ResourcePatternType.LITERAL, f"User:{user}", "*",
+                              op, AclPermissionType.ALLOW)
+
+        topic_t, group_t, cluster_t = ResourceType.TOPIC, ResourceType.GROUP, ResourceType.BROKER
+        bindings = [
+            allow(PRODUCER_USER, topic_t, topic, AclOperation.WRITE),
+            allow(PRODUCER_USER, cluster_t, "kafka-cluster", AclOperation.IDEMPOTENT_WRITE),
+            allow(CONSUMER_USER, topic_t, topic, AclOperation.READ),
+            allow(CONSUMER_USER, group_t, group, AclOperation.READ),
+            allow(CONSUMER_USER, topic_t, dlq_topic, AclOperation.WRITE),
+            allow(CONSUMER_USER, cluster_t, "kafka-cluster", AclOperation.IDEMPOTENT_WRITE),
+        ]
+        for name in (topic, dlq_topic):
+            bindings += [allow(ADMIN_USER, topic_t, name, op) for op in (
+                AclOperation.CREATE, AclOperation.DESCRIBE, AclOperation.ALTER,
+                AclOperation.DESCRIBE_CONFIGS, AclOperation.ALTER_CONFIGS)]
+        admin = self.admin()
+        for future in admin.create_acls(bindings, request_timeout=30).values():
+            future.result(timeout=30)
+
+    def _make_security(self) -> None:
+        tls = self.root / "tls"
+        self.ca = TestCA(tls, name="logpipe harness Kafka CA")
+        # One certificate for every node: CN kafka-broker is the principal the controller
+        # listener maps it to (a super user), and it is also the SCRAM user of the brokers.
+        broker = self.ca.issue(BROKER_USER)
+        self._keystore_password = secrets.token_urlsafe(18)
+        self._keystore = broker.pkcs12(tls / "broker.p12", self._keystore_password, self.ca.cert)
+        for user in KAFKA_USERS:
+            self.passwords[user] = secrets.token_urlsafe(18)
+
+    def _security_props(self, node: _KafkaNode) -> dict[str, str]:
+        assert self.ca is not None
+        props = {
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found": "false",
+            "super.users": f"User:{BROKER_USER};User:{HARNESS_ADMIN}",
+            # Certificate principals: CN=kafka-broker,O=... -> User:kafka-broker.
+            "ssl.principal.mapping.rules": "RULE:^CN=([^,]+),.*$/$1/,DEFAULT",
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self._keystore),
+            "ssl.keystore.password": self._keystore_password,
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.ca.cert_path),
+            "listener.name.controller.ssl.client.auth": "required",
+        }
+        if node.is_broker:
+            props.update({
+                "sasl.enabled.mechanisms": SCRAM,
+                "sasl.mechanism.inter.broker.protocol": SCRAM,
+                f"listener.name.sasl_ssl.{SCRAM.lower()}.sasl.jaas.config":
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                    f'username="{BROKER_USER}" password="{self.passwords[BROKER_USER]}";',
+            })
+        return props
 
     def wait_ready(self, expected_brokers: int, timeout: float = KAFKA_START_TIMEOUT_S) -> None:
         """Until a metadata request lists ``expected_brokers`` brokers and each running broker
@@ -527,7 +663,8 @@ class KafkaCluster:
         deadline = time.monotonic() + timeout
         _wait_port(b.port, deadline, self._check_alive)
         admin = AdminClient({"bootstrap.servers": f"{LOOPBACK}:{b.port}",
-                             "logger": QUIET_RDKAFKA, "reconnect.backoff.max.ms": 500})
+                             "logger": QUIET_RDKAFKA, "reconnect.backoff.max.ms": 500,
+                             **self.client_conf()})
         last = "no answer yet"
         while time.monotonic() < deadline:
             self._check_alive()
@@ -549,15 +686,17 @@ class KafkaCluster:
         min_isr = 1 if rf < 3 else 2
         for node in self._nodes:
             listeners, advertised, protos = [], [], []
+            client = "SASL_SSL" if self.secure else "PLAINTEXT"
+            controller_proto = "CONTROLLER:SSL" if self.secure else "CONTROLLER:PLAINTEXT"
             if node.is_broker:
-                listeners.append(f"PLAINTEXT://{LOOPBACK}:{node.port}")
-                advertised.append(f"PLAINTEXT://{LOOPBACK}:{node.port}")
-                protos.append("PLAINTEXT:PLAINTEXT")
+                listeners.append(f"{client}://{LOOPBACK}:{node.port}")
+                advertised.append(f"{client}://{LOOPBACK}:{node.port}")
+                protos.append(f"{client}:{client}")
             if node.is_controller:
                 listeners.append(f"CONTROLLER://{LOOPBACK}:{node.controller_port}")
                 if node.is_broker:
                     advertised.append(f"CONTROLLER://{LOOPBACK}:{node.controller_port}")
-                protos.append("CONTROLLER:PLAINTEXT")
+                protos.append(controller_proto)
             props: dict[str, str] = {
                 "process.roles": node.roles,
                 "node.id": str(node.node_id),
@@ -565,7 +704,7 @@ class KafkaCluster:
                 "controller.listener.names": "CONTROLLER",
                 "listeners": ",".join(listeners),
                 "listener.security.protocol.map": ",".join(
-                    [*protos, "CONTROLLER:PLAINTEXT"] if not node.is_controller else protos),
+                    [*protos, controller_proto] if not node.is_controller else protos),
                 "log.dirs": str(node.data),
                 "num.partitions": "1",
                 "default.replication.factor": str(rf),
@@ -592,9 +731,12 @@ class KafkaCluster:
             }
             if node.is_broker:
                 props["advertised.listeners"] = ",".join(advertised)
-                props["inter.broker.listener.name"] = "PLAINTEXT"
+                props["inter.broker.listener.name"] = client
+            if self.secure:
+                props.update(self._security_props(node))
             props.update(self.extra_props)
             node.props.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+            node.props.chmod(0o600)  # holds the keystore and broker passwords when secure
             (node.dir / "log4j2.properties").write_text(
                 _KAFKA_LOG4J2.format(log=node.dir / "server.log"))
 
@@ -609,6 +751,10 @@ class KafkaCluster:
         for node in self._nodes:
             argv = self._java_cmd(node, "kafka.tools.StorageTool", "-Xmx128m")
             argv += ["format", "-t", self.cluster_id, "-c", str(node.props)]
+            # SCRAM users exist from the first start (the StorageTool only takes them as
+            # arguments; a harness-only, loopback-only throwaway password).
+            for user, password in self.passwords.items():
+                argv += ["--add-scram", f"{SCRAM}=[name={user},password={password}]"]
             if node.is_controller and len(controllers) == 1:
                 argv.append("--standalone")
             elif node.is_controller:
@@ -637,14 +783,18 @@ class ElasticsearchNode:
 
     ``settings`` are extra ``-E`` settings (e.g. ``{"thread_pool.write.queue_size": "1"}``).
     Under root the server runs as ``nobody`` (Elasticsearch refuses to run as root).
+    ``secure=True``: security on, HTTPS (``url``), users ``ES_USERS`` (see the module docstring).
     """
 
     def __init__(self, settings: Mapping[str, str] | None = None, *, heap: str = ES_HEAP,
-                 start: bool = True) -> None:
+                 start: bool = True, secure: bool = False) -> None:
+        self.secure = secure
+        self.passwords: dict[str, str] = {}
+        self.ca: TestCA | None = None
         self.settings = dict(settings or {})
         self.heap = heap
         self.home = elasticsearch_home()
-        self.root = new_run_dir("es")
+        self.root = new_run_dir("es-secure" if secure else "es")
         self.data = self.root / "data"
         self.logs = self.root / "logs"
         self.conf = self.root / "config"
@@ -653,10 +803,18 @@ class ElasticsearchNode:
         self.start_seconds: float | None = None
         self._java_home = java_home()
         self._proc: _Proc | None = None
-        self._http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5.0, 30.0))
         shutil.copytree(self.home / "config", self.conf)
         for d in (self.data, self.logs, self.tmp):
             d.mkdir()
+        self._headers: dict[str, str] = {}
+        if secure:
+            self._make_security()
+            self._http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5.0, 30.0),
+                                             ca_certs=str(self.ca_path))
+            self._headers = urllib3.make_headers(
+                basic_auth=f"{HARNESS_ADMIN}:{self.passwords[HARNESS_ADMIN]}")
+        else:
+            self._http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5.0, 30.0))
         self._run_as = self._unprivileged_user()
         if self._run_as is not None:
             uid, gid = self._run_as
@@ -672,7 +830,29 @@ class ElasticsearchNode:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.http_port}"
+        return f"{'https' if self.secure else 'http'}://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def ca_path(self) -> Path:
+        if self.ca is None:
+            raise HarnessError("this Elasticsearch node was started without secure=True")
+        return self.ca.cert_path
+
+    def password_file(self, user: str) -> Path:
+        """A 0600 file holding ``user``'s password (outside the node's config directory)."""
+        path = self.root / "secrets" / f"{user}.password"
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.passwords[user] + "\n")
+        return path
+
+    def auth_kwargs(self, user: str = HARNESS_ADMIN) -> dict[str, Any]:
+        """elasticsearch-py arguments for ``user`` ({} on a plaintext node)."""
+        if not self.secure:
+            return {}
+        return {"basic_auth": (user, self.passwords[user]), "ca_certs": str(self.ca_path)}
 
     @property
     def log_path(self) -> Path:
@@ -685,7 +865,7 @@ class ElasticsearchNode:
     def client(self, **kwargs: Any) -> Any:
         from elasticsearch import Elasticsearch
 
-        return Elasticsearch(self.url, request_timeout=30, **kwargs)
+        return Elasticsearch(self.url, request_timeout=30, **{**self.auth_kwargs(), **kwargs})
 
     def start(self, timeout: float = ES_START_TIMEOUT_S) -> None:
         began = time.monotonic()
@@ -730,7 +910,8 @@ class ElasticsearchNode:
                     f"--- {self.log_path}:\n{_tail(self.log_path)}")
             try:
                 r = self._http.request(
-                    "GET", f"{self.url}/_cluster/health?wait_for_status=yellow&timeout=2s")
+                    "GET", f"{self.url}/_cluster/health?wait_for_status=yellow&timeout=2s",
+                    headers=self._headers)
                 if r.status == 200:
                     return
                 last = f"HTTP {r.status}: {r.data[:200]!r}"
@@ -749,6 +930,49 @@ class ElasticsearchNode:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _make_security(self) -> None:
+        """Certificates, keystore, file-realm users and roles inside the node's config dir."""
+        certs = self.conf / "certs"
+        self.ca = TestCA(certs, name="logpipe harness Elasticsearch CA")
+        self.ca.issue("node")
+        for user in ES_USERS:
+            self.passwords[user] = secrets.token_urlsafe(18)
+        self.passwords["elastic"] = secrets.token_urlsafe(18)
+        roles = {HARNESS_ADMIN: "superuser", ES_WRITER_USER: ES_WRITER_ROLE}
+        (self.conf / "users").write_text("".join(
+            f"{user}:{_pbkdf2_hash(self.passwords[user])}\n" for user in ES_USERS))
+        (self.conf / "users_roles").write_text("".join(
+            f"{role}:{user}\n" for user, role in roles.items()))
+        (self.conf / "roles.yml").write_text(ES_ROLES_YML)
+        for name in ("users", "users_roles", "roles.yml"):
+            (self.conf / name).chmod(0o600)
+        # The `elastic` bootstrap password lives in the keystore, never in a settings file.
+        tool = self.home / "bin" / "elasticsearch-keystore"
+        env = self._env()
+        for args, stdin in ((["create"], None),
+                            (["add", "-x", "bootstrap.password"], self.passwords["elastic"])):
+            out = subprocess.run([str(tool), *args], input=stdin, env=env, text=True,
+                                 capture_output=True, timeout=120, check=False)
+            if out.returncode != 0:
+                raise HarnessError(f"elasticsearch-keystore {args[0]} failed "
+                                   f"(exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+
+    def _security_settings(self) -> dict[str, str]:
+        if not self.secure:
+            return {"xpack.security.enabled": "false"}
+        tls = {"key": "certs/node.key", "certificate": "certs/node.crt",
+               "certificate_authorities": "certs/ca.crt"}
+        out = {"xpack.security.enabled": "true",
+               "xpack.security.http.ssl.enabled": "true",
+               "xpack.security.transport.ssl.enabled": "true",
+               "xpack.security.transport.ssl.verification_mode": "certificate",
+               # Only the file realm: the native realm needs the .security index, which this
+               # distribution cannot create (it lacks analysis-common).
+               "xpack.security.authc.realms.file.file1.order": "0"}
+        for layer in ("http", "transport"):
+            out.update({f"xpack.security.{layer}.ssl.{k}": v for k, v in tls.items()})
+        return out
+
     @staticmethod
     def _unprivileged_user() -> tuple[int, int] | None:
         if os.geteuid() != 0:
@@ -766,7 +990,7 @@ class ElasticsearchNode:
             "transport.port": str(self.transport_port),
             "path.data": str(self.data),
             "path.logs": str(self.logs),
-            "xpack.security.enabled": "false",
+            **self._security_settings(),
             # Test machines have full-ish disks; never let a watermark flip indices read-only.
             "cluster.routing.allocation.disk.watermark.low": "99.9%",
             "cluster.routing.allocation.disk.watermark.high": "99.9%",
@@ -794,6 +1018,38 @@ class ElasticsearchNode:
             "HOME": str(self.root),
         })
         return env
+
+
+ES_WRITER_USER = "logpipe-writer"
+ES_WRITER_ROLE = "logpipe_writer"
+ES_USERS = (HARNESS_ADMIN, ES_WRITER_USER)
+# What logpipe needs and nothing more: its daily indices and alias (`web-logs-topic*`), its
+# index template, and cluster health (readiness). `read` on its own indices is for `status`.
+ES_ROLES_YML = """\
+logpipe_writer:
+  cluster: ["monitor", "manage_index_templates"]
+  indices:
+    - names: ["web-logs-topic*"]
+      privileges: ["create_index", "create_doc", "view_index_metadata", "manage",
+                   "delete_index", "read"]
+"""
+
+
+def _pbkdf2_hash(password: str, cost: int = 10_000) -> str:
+    """A file-realm password hash in Elasticsearch's ``{PBKDF2}`` format (PBKDF2-HMAC-SHA512,
+    32-byte salt and key), so no JVM tool has to be started (or given the password) per user."""
+    salt = secrets.token_bytes(32)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, cost, dklen=32)
+    return (f"{{PBKDF2}}{cost}${base64.b64encode(salt).decode()}$"
+            f"{base64.b64encode(digest).decode()}")
+
+
+@dataclass(frozen=True)
+class SecureServers:
+    """The secure pair the ``secure_servers`` fixture starts (security on, see the top)."""
+
+    kafka: KafkaCluster
+    elasticsearch: ElasticsearchNode
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = "condition"

@@ -306,6 +306,11 @@ class _Err:
     def str(self) -> str:
         return "boom"
 
+    def code(self) -> int:
+        from confluent_kafka import KafkaError
+
+        return int(KafkaError._MSG_TIMED_OUT)
+
     def name(self) -> str:
         return "_MSG_TIMED_OUT"
 

@@ -165,3 +165,43 @@ def test_example_file_loads_and_lists_every_key() -> None:
         assert f"[{section}]" in text
         for key in values:
             assert f"{key} =" in text or f"# {key} =" in text, f"{section}.{key} missing"
+
+
+def test_sasl_needs_username_and_password_file() -> None:
+    base = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "logpipe-consumer", "sasl_password_file": "/etc/logpipe/kafka.pw"}
+    Config().replace("kafka", **base)  # complete: fine
+    for key in ("sasl_username", "sasl_password_file", "sasl_mechanism"):
+        with pytest.raises(ConfigError, match=rf"kafka\.{key}: required"):
+            Config().replace("kafka", **{**base, key: ""})
+    with pytest.raises(ConfigError, match=r"kafka\.ssl_ca_location"):
+        Config().replace("kafka", ssl_ca_location="/etc/logpipe/ca.crt")
+    with pytest.raises(ConfigError, match=r"elasticsearch\.password_file: required"):
+        Config().replace("elasticsearch", username="logpipe")
+
+
+def test_masked_hides_passwords_in_client_overrides() -> None:
+    cfg = Config().replace("kafka", client_overrides={"sasl.password": "s3cret",
+                                                      "ssl.key.password": "k3y",
+                                                      "socket.keepalive.enable": "true"})
+    shown = config.masked(cfg)["kafka"]["client_overrides"]
+    assert shown == {"sasl.password": "********", "ssl.key.password": "********",
+                     "socket.keepalive.enable": "true"}
+
+
+def test_read_secret_warns_about_world_readable_files(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "kafka.password"
+    path.write_text("s3cret\n")
+    path.chmod(0o640)
+    assert config.read_secret(str(path), "kafka.sasl_password_file") == "s3cret"
+    assert not caplog.records
+    path.chmod(0o644)
+    assert config.read_secret(str(path), "kafka.sasl_password_file") == "s3cret"
+    (record,) = caplog.records
+    assert record.getMessage() == "secret_file_readable_by_others"
+    assert record.fields == {"key": "kafka.sasl_password_file",  # type: ignore[attr-defined]
+                             "path": str(path), "mode": "0644"}
+    assert "s3cret" not in caplog.text
+    with pytest.raises(ConfigError, match=r"kafka\.sasl_password_file: cannot read"):
+        config.read_secret(str(tmp_path / "missing"), "kafka.sasl_password_file")

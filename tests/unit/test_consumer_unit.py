@@ -86,6 +86,9 @@ class FakeKafka:
         info = SimpleNamespace(error=None, partitions=dict.fromkeys(self.logs))
         return SimpleNamespace(topics={TOPIC: info})
 
+    def poll(self, timeout: float = 0) -> None:
+        return None
+
     def subscribe(self, topics: list[str], **callbacks: Callable[..., None]) -> None:
         assert topics == [TOPIC]
         self.callbacks = callbacks
@@ -185,6 +188,10 @@ class FakeES:
                 if forced == 429:
                     result.update(status=429, error={"type": "es_rejected_execution_exception",
                                                      "reason": "queue full"})
+                elif forced == 403:
+                    result.update(status=403, error={
+                        "type": "security_exception",
+                        "reason": "action [indices:admin/auto_create] is unauthorized"})
                 elif forced == 400:
                     result.update(status=400, error={"type": "document_parsing_exception",
                                                      "reason": "failed to parse field [status]"})
@@ -206,6 +213,7 @@ class FakeDLQ:
         self.world = world
         self.fail_first = fail_first
         self.sent: list[DeadLetter] = []
+        self.refusal: Any = None
 
     def send(self, letters: list[DeadLetter], timeout_s: float | None = None) -> list[bool]:
         acks = []
@@ -566,3 +574,39 @@ def test_shutdown_deadline_abandons_a_hanging_bulk_request() -> None:
         assert all(c.get(0, 0) == 0 for c in world.commits)
     finally:
         es.release.set()
+
+
+def test_missing_privilege_stops_without_committing_past_unindexed() -> None:
+    world, kafka = setup()
+    # The writer role does not cover id-12's index: Elasticsearch answers 403 for that item.
+    es = FakeES(world, verdict=lambda i, _n: 403 if i == "id-12" else None)
+    consumer = sink(make_config(), kafka, es, FakeDLQ(world))
+    assert consumer.run() == 4
+    # No retries of a refusal, and the fake asserts every commit passes only handled offsets.
+    assert es.attempts["id-12"] == 1
+    assert kafka.committed_position(0) <= 12
+    assert "id-12" not in world.indexed
+    assert consumer.dead_lettered == 0, "a refusal is not a reason to dead-letter"
+
+
+def test_refusal_from_the_error_callback_stops_the_loop(capsys: pytest.CaptureFixture[str],
+                                                        ) -> None:
+    from logpipe import log
+
+    log.setup("INFO")
+    world, kafka = setup(per_partition=200)
+    consumer = sink(make_config(), kafka, FakeES(world), FakeDLQ(world))
+
+    def refuse(_k: FakeKafka) -> None:
+        consumer._on_error(KafkaError(
+            KafkaError._AUTHENTICATION,
+            "sasl_ssl://10.0.0.5:9093/bootstrap: SASL authentication error: Authentication "
+            "failed during authentication due to invalid credentials"))
+    kafka.on_consume = refuse
+    assert consumer.run() == 4
+    err = capsys.readouterr().err
+    fatal = [line for line in err.splitlines() if "event=fatal" in line]
+    assert len(fatal) == 1
+    assert "reason=kafka_auth_failed broker=10.0.0.5:9093 detail=" in fatal[0]
+    # Stopped at the first batch: no busy loop through the remaining 390 messages.
+    assert consumer.batches <= 1
