@@ -252,9 +252,22 @@ run_playbook() {
   log "site.yml finished: changed=$changed"
 }
 
+# What this script runs on this machine besides Docker: ssh/ssh-keygen and curl (a fresh Debian
+# machine may lack them).
+ensure_tools() {
+  local need=()
+  command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
+  command -v curl >/dev/null || need+=(curl)
+  [ ${#need[@]} -eq 0 ] && return 0
+  log "installing ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+}
+
 cmd_up() {
   local started name octet image
   started=$(date +%s)
+  ensure_tools
   "$TOP/scripts/ensure-docker.sh"
   image=$("$TOP/scripts/build-base-image.sh" "$SUITE")
   mkdir -p "$STATE"
