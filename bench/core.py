@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,45 +29,13 @@ from harness.servers import (  # noqa: E402
     ElasticsearchNode,
     KafkaCluster,
 )
+from harness.servers import start_servers as servers  # noqa: E402
 
 __all__ = ["ADMIN_USER", "PRODUCER_USER", "BenchPipeline", "ElasticsearchNode", "KafkaCluster",
            "Spawned", "parse_events", "servers", "vm_status_kib"]
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def servers(brokers: int = 1, secure: bool = False,
-            ) -> Iterator[tuple[KafkaCluster, ElasticsearchNode]]:
-    """Kafka and Elasticsearch from the harness, started in parallel (both take a while);
-    ``secure``: with TLS, SCRAM, ACLs and Elasticsearch users (see tests/harness)."""
-    made: dict[str, Any] = {}
-    errors: list[BaseException] = []
-
-    def start(name: str, factory: Any) -> None:
-        try:
-            made[name] = factory()
-        except BaseException as exc:  # re-raised below in the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=("kafka",
-                                                    lambda: KafkaCluster(brokers, secure=secure))),
-               threading.Thread(target=start, args=("es",
-                                                    lambda: ElasticsearchNode(secure=secure)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        if errors:
-            raise errors[0]
-        yield made["kafka"], made["es"]
-    finally:
-        for name in ("es", "kafka"):
-            if name in made:
-                with contextlib.suppress(Exception):
-                    made[name].close()
 
 
 @dataclass

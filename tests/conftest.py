@@ -6,14 +6,12 @@ nothing. Tests under tests/integration/ get the ``integration`` marker automatic
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from harness.pipeline import FIGURES_FILE, Pipeline
-from harness.servers import ElasticsearchNode, KafkaCluster, SecureServers
+from harness.servers import ElasticsearchNode, KafkaCluster, SecureServers, start_servers
 
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
 
@@ -68,30 +66,8 @@ def secure_servers() -> Iterator[SecureServers]:
     """Kafka (SASL_SSL, SCRAM, ACLs) and Elasticsearch (TLS, users, roles) with security on,
     started in parallel (both take a while), shared by the session. Separate from the
     plaintext ``kafka``/``elasticsearch`` fixtures, which the rest of the suite uses."""
-    made: dict[str, Any] = {}
-    errors: list[BaseException] = []
-
-    def start(name: str, factory: Callable[[], Any]) -> None:
-        try:
-            made[name] = factory()
-        except BaseException as exc:  # re-raised below in the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=("kafka", lambda: KafkaCluster(secure=True))),
-               threading.Thread(target=start,
-                                args=("es", lambda: ElasticsearchNode(secure=True)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        if errors:
-            raise errors[0]
-        yield SecureServers(made["kafka"], made["es"])
-    finally:
-        for name in ("es", "kafka"):
-            if name in made:
-                made[name].close()
+    with start_servers(secure=True) as (kafka, es):
+        yield SecureServers(kafka, es)
 
 
 @pytest.fixture

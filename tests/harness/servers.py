@@ -43,10 +43,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -497,13 +498,7 @@ class KafkaCluster:
 
     def password_file(self, user: str) -> Path:
         """A 0600 file holding ``user``'s SCRAM password (what logpipe's *_file keys read)."""
-        path = self.root / "secrets" / f"{user}.password"
-        if not path.exists():
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.passwords[user] + "\n")
-        return path
+        return _secret_file(self.root, user, self.passwords[user])
 
     def grant_logpipe(self, topic: str = "web-logs-topic", dlq_topic: str = "web-logs-topic.dlq",
                       group: str = "elasticsearch-consumer-group") -> None:
@@ -840,13 +835,7 @@ class ElasticsearchNode:
 
     def password_file(self, user: str) -> Path:
         """A 0600 file holding ``user``'s password (outside the node's config directory)."""
-        path = self.root / "secrets" / f"{user}.password"
-        if not path.exists():
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.passwords[user] + "\n")
-        return path
+        return _secret_file(self.root, user, self.passwords[user])
 
     def auth_kwargs(self, user: str = HARNESS_ADMIN) -> dict[str, Any]:
         """elasticsearch-py arguments for ``user`` ({} on a plaintext node)."""
@@ -1035,6 +1024,17 @@ logpipe_writer:
 """
 
 
+def _secret_file(root: Path, user: str, password: str) -> Path:
+    """<root>/secrets/<user>.password (0600 in a 0700 directory), written once."""
+    path = root / "secrets" / f"{user}.password"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
+    return path
+
+
 def _pbkdf2_hash(password: str, cost: int = 10_000) -> str:
     """A file-realm password hash in Elasticsearch's ``{PBKDF2}`` format (PBKDF2-HMAC-SHA512,
     32-byte salt and key), so no JVM tool has to be started (or given the password) per user."""
@@ -1050,6 +1050,39 @@ class SecureServers:
 
     kafka: KafkaCluster
     elasticsearch: ElasticsearchNode
+
+
+@contextlib.contextmanager
+def start_servers(brokers: int = 1, secure: bool = False,
+                  ) -> Iterator[tuple[KafkaCluster, ElasticsearchNode]]:
+    """Kafka and Elasticsearch started in parallel (both take a while), closed on exit;
+    ``secure``: with TLS, SCRAM, ACLs and Elasticsearch users (see the top)."""
+    made: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def start(name: str, factory: Callable[[], Any]) -> None:
+        try:
+            made[name] = factory()
+        except BaseException as exc:  # re-raised below in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=("kafka",
+                                                    lambda: KafkaCluster(brokers, secure=secure))),
+               threading.Thread(target=start, args=("es",
+                                                    lambda: ElasticsearchNode(secure=secure)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield made["kafka"], made["es"]
+    finally:
+        for name in ("es", "kafka"):
+            if name in made:
+                with contextlib.suppress(Exception):
+                    made[name].close()
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = "condition"
