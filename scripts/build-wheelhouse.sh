@@ -36,8 +36,8 @@ epoch=315532800
 # Build from a copy of the package sources so the checkout gets no build/ or egg-info churn.
 src="$work/src"; mkdir -p "$src"
 cp -a "$LOGPIPE_TOP/pyproject.toml" "$LOGPIPE_TOP/README.md" "$src/"
-(cd "$LOGPIPE_TOP" && find logpipe -name '*.py' -o -name '*.typed' -o -name '*.json' -o -name '*.toml') \
-  | (cd "$LOGPIPE_TOP" && cpio -pdm --quiet "$src")
+(cd "$LOGPIPE_TOP" && find logpipe \( -name '*.py' -o -name '*.typed' -o -name '*.json' -o -name '*.toml' \) \
+  -exec cp --parents -p -t "$src" {} +)
 find "$src" -exec touch -h -d "@$epoch" {} +
 SOURCE_DATE_EPOCH=$epoch $pip wheel --quiet --no-deps --wheel-dir "$work/wheel" "$src" >&2
 new=$(ls "$work"/wheel/logpipe-*.whl)

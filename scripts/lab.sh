@@ -114,7 +114,7 @@ ensure_network() {
 }
 
 # Start (or reuse) one host container with the systemd flags measured in
-# /work/shared/notes/molecule-on-these-machines.md (privileged mode does not work on these machines).
+# the shared notes on Molecule on these machines (privileged mode does not work on these machines).
 # /tmp is exec like on a stock Debian host. The roles also work with Docker's noexec default
 # (Kafka and Elasticsearch get private temp dirs for the JNI libraries Java unpacks; the per-role
 # Molecule scenarios run that way).
