@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-size-critical", type=int, metavar="BYTES",
                    dest="index_size_critical_bytes",
                    help="override check.index_size_critical_bytes")
+    p.add_argument("--stall-warning", type=float, metavar="S", dest="stall_warning_s",
+                   help="override check.stall_warning_s (a partition with lag and no commit "
+                        "for S seconds; 0 = off)")
+    p.add_argument("--stall-critical", type=float, metavar="S", dest="stall_critical_s",
+                   help="override check.stall_critical_s")
 
     p = command("config", "Configuration tools.")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -254,7 +259,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
     values = _overrides(args, ("lag_warning", "lag_critical", "error_rate_warning",
                                "error_rate_critical", "index_size_warning_bytes",
-                               "index_size_critical_bytes"))
+                               "index_size_critical_bytes", "stall_warning_s",
+                               "stall_critical_s"))
     if values:
         cfg = cfg.replace("check", **values)
     from logpipe import ops

@@ -96,6 +96,9 @@ class ConsumerConfig:
     max_poll_interval_ms: int = 300000
     # Messages larger than this are dead-lettered rather than indexed.
     max_message_bytes: int = 1048576
+    # With messages waiting (lag > 0) and none handled for this long, the consumer reports itself
+    # stalled: a warning line and STATUS= (systemctl status). 0 turns the report off.
+    stall_after_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,11 @@ class CheckConfig:
     error_rate_critical: float = 0.05
     index_size_warning_bytes: int = 50 * 1024**3
     index_size_critical_bytes: int = 100 * 1024**3
+    # A partition with lag whose last commit is older than this is stalled (0 = not checked).
+    # The consumer refreshes an idle partition's commit every minute, so keep these well above
+    # 60 s plus the check interval.
+    stall_warning_s: float = 300.0
+    stall_critical_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,7 @@ _NON_NEGATIVE = {
     ("producer", "rate"), ("producer", "duration_s"), ("producer", "linger_ms"),
     ("consumer", "max_batches"), ("consumer", "retry_initial_backoff_s"),
     ("consumer", "retry_max_backoff_s"), ("consumer", "shutdown_timeout_s"),
+    ("consumer", "stall_after_s"), ("check", "stall_warning_s"), ("check", "stall_critical_s"),
 }
 
 

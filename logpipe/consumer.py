@@ -38,10 +38,13 @@ from logpipe.config import Config, ConfigError
 from logpipe.dlq import DeadLetter, DeadLetterQueue
 from logpipe.es import make_client
 from logpipe.kafka import RdKafkaLogger, client_config
-from logpipe.offsets import OffsetTracker, PartitionKey
+from logpipe.offsets import OffsetTracker, PartitionKey, commit_metadata
 from logpipe.refusal import Refusal
 
 STATUS_INTERVAL_S = 10.0
+# An idle partition's commit is made again (same offset, fresh time) this often, so `logpipe
+# check` sees a recent commit on every partition a live consumer keeps up with.
+COMMIT_REFRESH_S = 60.0
 # While retrying, poll this often so rebalance callbacks run and the group keeps us.
 PAUSED_POLL_S = 0.2
 READY_MAX_BACKOFF_S = 10.0
@@ -112,6 +115,13 @@ class SinkConsumer:
         self._refusal: Refusal | None = None
         self._last_status = time.monotonic()
         self._status_done = 0
+        # Progress: the last time a message was handled or nothing was waiting (lag 0).
+        self._progress_at = time.monotonic()
+        self._stalled = False
+        # Why the batch in hand is being retried ("" when it is not).
+        self._retry_reason = ""
+        # When we last committed each partition (monotonic), for the idle refresh.
+        self._committed_at: dict[PartitionKey, float] = {}
 
     # -- control ---------------------------------------------------------------------------
 
@@ -328,6 +338,7 @@ class SinkConsumer:
         unassigned_limit = ccfg.session_timeout_ms / 1000 + 10.0
         while not self.stopping and self._fatal is None and self._refusal is None:
             self._tick()
+            self._refresh_commits()
             batch = self._fetch()
             if batch:
                 self._process(batch)
@@ -468,9 +479,11 @@ class SinkConsumer:
             attempt += 1
             retried += len(remaining)
             self.retried += len(remaining)
+            self._retry_reason = reason or "unknown"
             log.event("bulk_retry", items=len(remaining), attempt=attempt,
                       backoff_s=round(wait, 3), reason=reason or "unknown")
             self._wait_paused(wait)
+        self._retry_reason = ""
         committed = self._commit()
         left = [m for m in remaining if self._owned(m)]
         if left:
@@ -601,10 +614,32 @@ class SinkConsumer:
     def _commit(self, keys: set[PartitionKey] | None = None) -> dict[PartitionKey, int]:
         """Synchronously commit handled positions that advanced (only partitions we own)."""
         selected = self._assigned if keys is None else keys
-        positions = self._tracker.to_commit(selected)
+        return self._send_commit(self._tracker.to_commit(selected))
+
+    def _refresh_commits(self) -> None:
+        """Commit idle partitions' positions again with a fresh time (see COMMIT_REFRESH_S):
+        without it a partition that had nothing to do for an hour and then gets a message looks
+        stalled to `logpipe check` until that message is committed."""
+        now = time.monotonic()
+        positions = {}
+        for key in self._assigned:
+            if now - self._committed_at.get(key, now) < COMMIT_REFRESH_S:
+                continue
+            position = self._tracker.caught_up(key)
+            if position is not None:
+                positions[key] = position
+        if positions:
+            self._send_commit(positions)
+            # Attempted counts: a refresh that failed (a rebalance) waits for the next round
+            # instead of being retried, and logged, on every loop.
+            self._committed_at.update(dict.fromkeys(positions, now))
+
+    def _send_commit(self, positions: dict[PartitionKey, int]) -> dict[PartitionKey, int]:
         if not positions:
             return {}
-        offsets = [TopicPartition(t, p, pos) for (t, p), pos in positions.items()]
+        metadata = commit_metadata(time.time())
+        offsets = [TopicPartition(t, p, pos, metadata=metadata)
+                   for (t, p), pos in positions.items()]
         try:
             result = self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
@@ -625,6 +660,8 @@ class SinkConsumer:
                     self._refuse(found)
                 log.warning("commit_failed", partition=tp.partition, error=str(tp.error))
         self._tracker.mark_committed(done)
+        now = time.monotonic()
+        self._committed_at.update(dict.fromkeys(done, now))
         return done
 
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -662,6 +699,7 @@ class SinkConsumer:
         self._tracker.forget(keys)
         for key in keys:
             self._generation[key] = self._generation.get(key, 0) + 1
+            self._committed_at.pop(key, None)
         self._assigned -= keys
         self._paused -= keys
         self._eof -= keys
@@ -688,13 +726,40 @@ class SinkConsumer:
             return
         done = self.indexed + self.already_present + self.dead_lettered
         rate = (done - self._status_done) / elapsed
-        self._last_status, self._status_done = now, done
         lag = self._lag()
-        sdnotify.notify(f"STATUS=docs/s={rate:.0f} lag={lag} indexed={self.indexed} "
-                        f"dlq={self.dead_lettered}")
+        if done != self._status_done or lag == 0:
+            self._progress_at = now
+        self._last_status, self._status_done = now, done
+        status = (f"docs/s={rate:.0f} lag={lag} indexed={self.indexed} "
+                  f"dlq={self.dead_lettered}")
+        stalled_s = self.stalled_s
+        if stalled_s:
+            status = (f"STALLED: nothing handled for {stalled_s:.0f}s with lag={lag}, "
+                      f"retrying ({self._retry_reason or 'no batch in hand'}); {status}")
+            if not self._stalled:
+                self._stalled = True
+                log.warning("stalled", no_progress_s=round(stalled_s), lag=lag,
+                            reason=self._retry_reason or "unknown", owned=len(self._assigned))
+        elif self._stalled:
+            self._stalled = False
+            log.event("stall_cleared", lag=lag, indexed=self.indexed)
+        sdnotify.notify(f"STATUS={status}")
         log.event("throughput", docs_per_s=round(rate, 1), lag=lag, indexed=self.indexed,
                   already_present=self.already_present, dlq=self.dead_lettered,
                   owned=len(self._assigned))
+
+    @property
+    def stalled_s(self) -> float:
+        """Seconds without progress while messages wait, once past ``consumer.stall_after_s``
+        (0.0 when making progress, idle, or the report is off). Updated every STATUS_INTERVAL_S.
+
+        Stalled is not hung: the watchdog keeps being fed, because the loop is alive and a
+        restart would not fix what it waits for (an outage, a document retried on purpose); it
+        would only drop the retry state and rebalance the group. See docs/DESIGN.md.
+        """
+        limit = self.cfg.consumer.stall_after_s
+        waited = self._last_status - self._progress_at
+        return waited if limit and waited >= limit else 0.0
 
     def _lag(self) -> int:
         """Messages not yet handled on owned partitions (cached high watermarks, no request)."""

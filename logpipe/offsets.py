@@ -8,11 +8,29 @@ everything fetched is handled it is the last fetched offset + 1. Offsets that we
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # (topic, partition)
 PartitionKey = tuple[str, int]
+
+# Every commit carries the wall-clock time it was made as its metadata, so `logpipe check`, from
+# any host, can tell a partition whose consumer stopped making progress (lag > 0, an old commit)
+# from one that is merely busy (lag > 0, fresh commits).
+_COMMITTED_AT = re.compile(r"committed_at_ms=(\d+)")
+
+
+def commit_metadata(epoch_s: float) -> str:
+    """The metadata string stored with a commit made at ``epoch_s``."""
+    return f"logpipe committed_at_ms={int(epoch_s * 1000)}"
+
+
+def committed_at(metadata: str | None) -> float | None:
+    """The commit time (epoch seconds) from a commit's metadata; None if it has none (a commit
+    by another client or an older logpipe)."""
+    found = _COMMITTED_AT.search(metadata or "")
+    return int(found.group(1)) / 1000 if found else None
 
 
 @dataclass(slots=True)
@@ -83,6 +101,14 @@ class OffsetTracker:
             if committed is None or pos > committed:
                 out[key] = pos
         return out
+
+    def caught_up(self, key: PartitionKey) -> int | None:
+        """The committed position when everything fetched is handled and committed (an idle
+        partition), else None."""
+        part = self._partitions.get(key)
+        if part is None or part.unhandled or part.committed is None:
+            return None
+        return part.committed if part.committed == part.next_offset else None
 
     def mark_committed(self, positions: dict[PartitionKey, int]) -> None:
         for key, pos in positions.items():

@@ -8,6 +8,11 @@ yet counts everything still retained.
 
 The error rate is DLQ end offsets / main topic end offsets: both count every message since the
 topics were created, so it is the long-run share of dead-lettered messages.
+
+Stalled: every commit the consumer makes carries its wall-clock time (``logpipe.offsets
+.commit_metadata``), and a live consumer commits again each idle partition every minute. A
+partition with lag whose last commit is old has had no progress for that long: the consumer is
+stuck retrying, or not running. Assumes the hosts' clocks agree to well under the thresholds.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from logpipe import refusal
 from logpipe.config import CheckConfig, Config, ElasticsearchConfig, KafkaConfig
 from logpipe.es import make_client
 from logpipe.kafka import RdKafkaLogger, client_config
+from logpipe.offsets import committed_at
 from logpipe.refusal import KafkaErrorWatch, Refusal, Refused
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -43,6 +49,9 @@ class PartitionStatus:
     end: int
     committed: int | None  # None: the group has no commit for this partition
     lag: int
+    # Seconds since the group's last commit on this partition (None: no commit, or one without
+    # logpipe's time metadata).
+    since_commit_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,16 @@ class KafkaStatus:
     @property
     def lag(self) -> int:
         return sum(p.lag for p in self.partitions)
+
+    @property
+    def stalled_s(self) -> float | None:
+        """Age of the oldest last commit among partitions with lag (0.0 when none has lag;
+        None when a partition with lag has no commit time to judge by)."""
+        ages = [p.since_commit_s for p in self.partitions if p.lag > 0]
+        if not ages:
+            return 0.0
+        known = [age for age in ages if age is not None]
+        return max(known) if known else None
 
     @property
     def dlq_messages(self) -> int:
@@ -94,6 +113,7 @@ class Status:
             out["kafka"] = {
                 **dataclasses.asdict(k), "messages": k.messages, "lag": k.lag,
                 "dlq_messages": k.dlq_messages, "error_rate": k.error_rate,
+                "stalled_s": k.stalled_s,
             }
         if self.elasticsearch is not None:
             out["elasticsearch"] = dataclasses.asdict(self.elasticsearch)
@@ -101,14 +121,18 @@ class Status:
 
 
 def _offsets(consumer: Consumer, topic: str, partitions: list[int],
-             committed: dict[int, int | None], timeout_s: float) -> list[PartitionStatus]:
+             committed: dict[int, TopicPartition], timeout_s: float) -> list[PartitionStatus]:
     out = []
+    now = time.time()
     for p in partitions:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
-        done = committed.get(p)
+        tp = committed.get(p)
+        done = tp.offset if tp is not None and tp.offset >= 0 else None
         lag = high - max(done if done is not None else low, low)
+        at = committed_at(tp.metadata) if done is not None and tp is not None else None
         out.append(PartitionStatus(partition=p, low=low, end=high, committed=done,
-                                   lag=max(lag, 0)))
+                                   lag=max(lag, 0),
+                                   since_commit_s=None if at is None else max(0.0, now - at)))
     return out
 
 
@@ -150,8 +174,7 @@ def kafka_status(cfg: KafkaConfig, timeout_s: float = _TIMEOUT_S) -> KafkaStatus
                 raise StatusError(f"kafka topic {name} does not exist (run logpipe bootstrap)")
             found[name] = sorted(topic.partitions)
         tps = [TopicPartition(cfg.topic, p) for p in found[cfg.topic]]
-        committed = {tp.partition: (tp.offset if tp.offset >= 0 else None)
-                     for tp in _committed(consumer, tps, timeout_s)}
+        committed = {tp.partition: tp for tp in _committed(consumer, tps, timeout_s)}
         return KafkaStatus(
             topic=cfg.topic, group_id=cfg.group_id,
             partitions=_offsets(consumer, cfg.topic, found[cfg.topic], committed, timeout_s),
@@ -200,10 +223,12 @@ def format_status(status: Status) -> str:
     k = status.kafka
     if k is not None:
         lines.append(f"topic {k.topic}  group {k.group_id}")
-        lines.append(f"{'partition':>9} {'end':>12} {'committed':>12} {'lag':>10}")
+        lines.append(f"{'partition':>9} {'end':>12} {'committed':>12} {'lag':>10} "
+                     f"{'last commit':>12}")
         for p in k.partitions:
             done = "-" if p.committed is None else str(p.committed)
-            lines.append(f"{p.partition:>9} {p.end:>12} {done:>12} {p.lag:>10}")
+            age = "-" if p.since_commit_s is None else f"{p.since_commit_s:.0f}s ago"
+            lines.append(f"{p.partition:>9} {p.end:>12} {done:>12} {p.lag:>10} {age:>12}")
         lines.append(f"{'total':>9} {k.messages:>12} {'':>12} {k.lag:>10}")
         dlq = "  ".join(f"p{p.partition}={p.end}" for p in k.dlq_partitions)
         lines.append(f"dlq {k.dlq_topic}  messages={k.dlq_messages}  ({dlq})  "
@@ -242,6 +267,11 @@ def _level(value: float, warning: float, critical: float) -> int:
     return OK
 
 
+def _number(value: float) -> str:
+    """A threshold as written in the config: 100000 not 1e+05, 0.01 not 0.010000."""
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
 def evaluate(status: Status, limits: CheckConfig) -> tuple[int, str]:
     """``(exit code, the one output line)`` for ``logpipe check``."""
     if status.refusals:
@@ -255,26 +285,35 @@ def evaluate(status: Status, limits: CheckConfig) -> tuple[int, str]:
     lag = status.kafka.lag
     rate = status.kafka.error_rate
     size = status.elasticsearch.index_bytes
-    checks = [
+    stalled = status.kafka.stalled_s
+    checks: list[tuple[str, float, float, float]] = [
         ("lag", lag, limits.lag_warning, limits.lag_critical),
         ("error_rate", rate, limits.error_rate_warning, limits.error_rate_critical),
         ("index_bytes", size, limits.index_size_warning_bytes, limits.index_size_critical_bytes),
     ]
+    if stalled is not None:
+        # 0 turns a stall threshold off.
+        checks.append(("stalled_s", stalled, limits.stall_warning_s or float("inf"),
+                       limits.stall_critical_s or float("inf")))
     code = OK
     reasons = []
     for name, value, warn, crit in checks:
         level = _level(value, warn, crit)
         if level != OK:
             limit = crit if level == CRITICAL else warn
-            reasons.append(f"{name}>{limit}")
+            reasons.append(f"{name}>{_number(limit)}")
         code = max(code, level)
-    text = f"lag={lag} error_rate={rate:.6f} index_bytes={size}"
+    stalled_text = "unknown" if stalled is None else f"{stalled:.0f}"
+    text = f"lag={lag} error_rate={rate:.6f} index_bytes={size} stalled_s={stalled_text}"
     if reasons:
         text += f" ({', '.join(reasons)})"
     perf = (f"lag={lag};{limits.lag_warning};{limits.lag_critical};0 "
             f"error_rate={rate:.6f};{limits.error_rate_warning};{limits.error_rate_critical};0;1 "
             f"index_bytes={size}B;{limits.index_size_warning_bytes};"
             f"{limits.index_size_critical_bytes};0")
+    if stalled is not None:
+        perf += (f" stalled_s={stalled:.0f}s;{_number(limits.stall_warning_s)};"
+                 f"{_number(limits.stall_critical_s)};0")
     return code, f"LOGPIPE {STATE_NAMES[code]} - {text} | {perf}"
 
 

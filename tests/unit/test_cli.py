@@ -170,8 +170,10 @@ def test_check_flags_override_thresholds(tmp_path: Path, monkeypatch: pytest.Mon
 # check evaluation
 
 
-def _status(lag: int = 0, end: int = 1000, dlq: int = 0, size: int = 100) -> ops.Status:
-    part = ops.PartitionStatus(partition=0, low=0, end=end, committed=end - lag, lag=lag)
+def _status(lag: int = 0, end: int = 1000, dlq: int = 0, size: int = 100,
+            since_commit_s: float | None = 5.0) -> ops.Status:
+    part = ops.PartitionStatus(partition=0, low=0, end=end, committed=end - lag, lag=lag,
+                               since_commit_s=since_commit_s)
     dlq_part = ops.PartitionStatus(partition=0, low=0, end=dlq, committed=None, lag=0)
     return ops.Status(
         kafka=ops.KafkaStatus(topic="t", group_id="g", partitions=[part], dlq_topic="t.dlq",
@@ -187,6 +189,12 @@ def _status(lag: int = 0, end: int = 1000, dlq: int = 0, size: int = 100) -> ops
     (_status(dlq=20), ops.WARNING, "WARNING"),  # 2 % > 1 %
     (_status(dlq=60), ops.CRITICAL, "CRITICAL"),
     (_status(size=60 * 1024**3), ops.WARNING, "WARNING"),
+    # Lag with an old last commit: stalled; an old commit without lag is an idle partition.
+    (_status(lag=10, since_commit_s=301), ops.WARNING, "WARNING"),
+    (_status(lag=10, since_commit_s=901), ops.CRITICAL, "CRITICAL"),
+    (_status(lag=0, since_commit_s=5000), ops.OK, "OK"),
+    # No commit time to judge by (another client's commit): not a stall, said as unknown.
+    (_status(lag=10, since_commit_s=None), ops.OK, "OK"),
     (ops.Status(errors={"kafka": "broker down"}), ops.UNKNOWN, "UNKNOWN"),
 ])
 def test_evaluate(status: ops.Status, code: int, word: str) -> None:
@@ -195,6 +203,17 @@ def test_evaluate(status: ops.Status, code: int, word: str) -> None:
     assert line.startswith(f"LOGPIPE {word} - ")
     if code != ops.UNKNOWN:
         assert " | lag=" in line and "error_rate=" in line and "index_bytes=" in line
+
+
+def test_stall_thresholds_name_themselves_and_zero_turns_them_off() -> None:
+    stalled = _status(lag=10, since_commit_s=400)
+    code, line = ops.evaluate(stalled, CheckConfig())
+    assert code == ops.WARNING
+    assert "stalled_s=400 (stalled_s>300)" in line and "stalled_s=400s;300;900;0" in line
+    code, line = ops.evaluate(stalled, CheckConfig(stall_warning_s=0, stall_critical_s=0))
+    assert code == ops.OK, line
+    assert "stalled_s=unknown" in ops.evaluate(_status(lag=1, since_commit_s=None),
+                                               CheckConfig())[1]
 
 
 def test_error_rate_without_messages_is_zero() -> None:

@@ -59,6 +59,7 @@ class World:
         self.offset_of_id: dict[str, tuple[int, int]] = {}
         self.dead: set[tuple[int, int]] = set()
         self.commits: list[dict[int, int]] = []
+        self.commit_metadata: list[str | None] = []
 
     def done(self, partition: int, offset: int) -> bool:
         return (partition, offset) in self.dead or (partition, offset) in self.indexed.values()
@@ -131,6 +132,7 @@ class FakeKafka:
                 assert self.world.done(tp.partition, offset), (
                     f"commit {tp.partition}@{tp.offset} passes unhandled offset {offset}")
         self.world.commits.append({tp.partition: tp.offset for tp in offsets})
+        self.world.commit_metadata.extend(tp.metadata for tp in offsets)
         return offsets
 
     def get_watermark_offsets(self, tp: TopicPartition, cached: bool) -> tuple[int, int]:
@@ -610,3 +612,58 @@ def test_refusal_from_the_error_callback_stops_the_loop(capsys: pytest.CaptureFi
     assert "reason=kafka_auth_failed broker=10.0.0.5:9093 detail=" in fatal[0]
     # Stopped at the first batch: no busy loop through the remaining 390 messages.
     assert consumer.batches <= 1
+
+
+def test_commits_carry_their_time_and_idle_partitions_are_committed_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import logpipe.consumer as consumer_module
+    from logpipe.offsets import committed_at
+
+    monkeypatch.setattr(consumer_module, "COMMIT_REFRESH_S", 0.0)
+    world, kafka = setup(per_partition=5)
+    before = time.time()
+    s = sink(make_config(max_batches=0), kafka, FakeES(world), FakeDLQ(world))
+    thread = threading.Thread(target=s.run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(1 for c in world.commits if c.get(0) == 5) < 3:
+        time.sleep(0.01)
+    s.stop()
+    thread.join(10)
+    # The caught-up position is committed again (fresh time), never moved.
+    assert sum(1 for c in world.commits if c.get(0) == 5) >= 3
+    assert all(c.get(0, 5) <= 5 for c in world.commits)
+    times = [committed_at(m) for m in world.commit_metadata]
+    assert times and all(t is not None and before - 1 <= t <= time.time() + 1 for t in times)
+
+
+def test_stalled_after_no_progress_with_lag(monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    import logpipe.consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "STATUS_INTERVAL_S", 0.05)
+    statuses: list[str] = []
+    monkeypatch.setattr(consumer_module.sdnotify, "notify",
+                        lambda state: statuses.append(state) or True)
+    world, kafka = setup(per_partition=5)
+    blocked = threading.Event()
+    blocked.set()
+    es = FakeES(world, verdict=lambda _i, _n: 429 if blocked.is_set() else None)
+    s = sink(make_config(max_batches=0, stall_after_s=0.3), kafka, es, FakeDLQ(world))
+    thread = threading.Thread(target=s.run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(x.startswith("STATUS=STALLED") for x in statuses):
+        time.sleep(0.01)
+    assert s.stalled_s >= 0.3
+    blocked.clear()
+    while time.monotonic() < deadline and s.indexed < 10:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    s.stop()
+    thread.join(10)
+    stalled = [x for x in statuses if x.startswith("STATUS=STALLED")]
+    assert stalled and "es_rejected_execution_exception" in stalled[0], statuses[-3:]
+    assert not statuses[-1].startswith("STATUS=STALLED") or statuses[-1] == "STOPPING=1"
+    events = [r.getMessage() for r in caplog.records]
+    assert events.count("stalled") == 1 and "stall_cleared" in events

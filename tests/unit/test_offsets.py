@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from logpipe.offsets import OffsetTracker
+from logpipe.offsets import OffsetTracker, commit_metadata, committed_at
 
 P0 = ("web-logs-topic", 0)
 P1 = ("web-logs-topic", 1)
@@ -171,3 +171,24 @@ def test_duplicate_fetch_and_handle_are_idempotent() -> None:
     tracker.handled(P0, 0)
     assert tracker.position(P0) == 1
     assert tracker.unhandled_count(P0) == 1
+
+
+def test_commit_metadata_round_trips_the_time() -> None:
+    assert committed_at(commit_metadata(1764480000.123)) == 1764480000.123
+    assert committed_at("") is None and committed_at(None) is None
+    assert committed_at("set by another tool") is None
+
+
+def test_caught_up_only_when_everything_fetched_is_handled_and_committed() -> None:
+    t = OffsetTracker()
+    assert t.caught_up(P0) is None
+    t.fetched(P0, 0)
+    t.fetched(P0, 1)
+    t.handled(P0, 0)
+    assert t.caught_up(P0) is None  # 1 still in hand
+    t.handled(P0, 1)
+    assert t.caught_up(P0) is None  # handled, not committed yet
+    t.mark_committed({P0: 2})
+    assert t.caught_up(P0) == 2
+    t.fetched(P0, 2)
+    assert t.caught_up(P0) is None
