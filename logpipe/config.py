@@ -118,6 +118,17 @@ class CheckConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # The consumer serves Prometheus metrics on http://<address>:<port>/metrics; 0 = off.
+    # Loopback by default: scrape from this host, or choose an address behind a firewall.
+    port: int = 0
+    address: str = "127.0.0.1"
+    # The producer (a oneshot) writes its last run's metrics to this file after each run, for
+    # node_exporter's textfile collector ("" = off).
+    textfile: str = ""
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
 
@@ -129,6 +140,7 @@ class Config:
     producer: ProducerConfig = field(default_factory=ProducerConfig)
     consumer: ConsumerConfig = field(default_factory=ConsumerConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def replace(self, section: str, **values: Any) -> Config:
@@ -243,6 +255,8 @@ def _check_value(section: str, key: str, value: Any) -> None:
         raise ConfigError(f"{name}: must be greater than 0 (got {value!r})")
     if (section, key) in _NON_NEGATIVE and value < 0:
         raise ConfigError(f"{name}: must not be negative (got {value!r})")
+    if (section, key) == ("metrics", "port") and not 0 <= value <= 65535:
+        raise ConfigError(f"{name}: must be a TCP port, or 0 for off (got {value!r})")
 
 
 def _build_section(section: str, data: Mapping[str, Any], from_env: frozenset[str] = frozenset(),

@@ -38,6 +38,7 @@ from logpipe.config import Config, ConfigError
 from logpipe.dlq import DeadLetter, DeadLetterQueue
 from logpipe.es import make_client
 from logpipe.kafka import RdKafkaLogger, client_config
+from logpipe.metrics import ConsumerMetrics
 from logpipe.offsets import OffsetTracker, PartitionKey, commit_metadata
 from logpipe.refusal import Refusal
 
@@ -96,6 +97,7 @@ class SinkConsumer:
         self.batches = 0
         self.left_for_redelivery = 0
         self.ready = threading.Event()
+        self.metrics = ConsumerMetrics()
         self._stop = threading.Event()
         self._stop_at: float | None = None
         self._consumer = consumer
@@ -150,6 +152,17 @@ class SinkConsumer:
             log.error("consumer_failed", error=str(exc))
             self._close()
             return 2
+        mcfg = self.cfg.metrics
+        if mcfg.port:
+            try:
+                self.metrics.serve(mcfg.address, mcfg.port)
+            except OSError as exc:
+                # Taken by another instance or process: a restart with backoff may find it free.
+                log.error("consumer_failed", error=f"metrics endpoint {mcfg.address}:"
+                                                   f"{mcfg.port}: {exc}")
+                self._close()
+                return 1
+            log.event("metrics_serving", address=mcfg.address, port=mcfg.port)
         log.event("consumer_started", topic=kcfg.topic, group=kcfg.group_id,
                   dlq_topic=kcfg.dlq_topic, batch_size=ccfg.batch_size,
                   bulk_concurrency=ccfg.bulk_concurrency,
@@ -165,6 +178,7 @@ class SinkConsumer:
                                      on_revoke=self._on_revoke, on_lost=self._on_lost)
             sdnotify.notify("READY=1")
             self.ready.set()
+            self.metrics.ready.set(1)
             log.event("ready", topic=kcfg.topic)
             self._loop()
             if self._refusal is not None:
@@ -447,6 +461,8 @@ class SinkConsumer:
                     self._refuse(outcome.refusal.at(",".join(self.cfg.elasticsearch.hosts)))
                 created += len(outcome.created)
                 present += len(outcome.already_present)
+                self.metrics.handled("indexed", len(outcome.created))
+                self.metrics.handled("already_present", len(outcome.already_present))
                 self.indexed += len(outcome.created)
                 self.already_present += len(outcome.already_present)
                 reason = outcome.retry_reason
@@ -458,6 +474,7 @@ class SinkConsumer:
                         self._tracker.handled(m.key, m.offset)
                         dead += 1
                         self.dead_lettered += 1
+                        self.metrics.dead_letter(m.rejected.reason if m.rejected else "unknown")
                     else:
                         retry.append(m)
                         reason = reason or "dlq_delivery"
@@ -480,6 +497,7 @@ class SinkConsumer:
             retried += len(remaining)
             self.retried += len(remaining)
             self._retry_reason = reason or "unknown"
+            self.metrics.retry(self._retry_reason, len(remaining))
             log.event("bulk_retry", items=len(remaining), attempt=attempt,
                       backoff_s=round(wait, 3), reason=reason or "unknown")
             self._wait_paused(wait)
@@ -488,8 +506,10 @@ class SinkConsumer:
         left = [m for m in remaining if self._owned(m)]
         if left:
             log.warning("batch_incomplete", left_for_redelivery=len(left))
+        seconds = time.monotonic() - started
+        self.metrics.batch_seconds.observe(seconds)
         log.event("batch_committed", docs=len(batch), created=created, already_present=present,
-                  dlq=dead, retried=retried, seconds=round(time.monotonic() - started, 3),
+                  dlq=dead, retried=retried, seconds=round(seconds, 3),
                   partitions=len(committed))
 
     # -- Elasticsearch -----------------------------------------------------------------------
@@ -537,8 +557,9 @@ class SinkConsumer:
         body = build_body(docs)
         reason = ""
         try:
-            response = self._es.bulk(body=body,  # type: ignore[arg-type]
-                                     filter_path=BULK_FILTER_PATH)
+            with self.metrics.bulk_seconds.time():
+                response = self._es.bulk(body=body,  # type: ignore[arg-type]
+                                         filter_path=BULK_FILTER_PATH)
         except ApiError as exc:
             reason = f"http_{exc.meta.status}"
             detail = str(exc)[:300]
@@ -660,6 +681,8 @@ class SinkConsumer:
                     self._refuse(found)
                 log.warning("commit_failed", partition=tp.partition, error=str(tp.error))
         self._tracker.mark_committed(done)
+        if done:
+            self.metrics.committed()
         now = time.monotonic()
         self._committed_at.update(dict.fromkeys(done, now))
         return done
@@ -726,7 +749,10 @@ class SinkConsumer:
             return
         done = self.indexed + self.already_present + self.dead_lettered
         rate = (done - self._status_done) / elapsed
-        lag = self._lag()
+        lag_by_partition = self._lag()
+        lag = sum(lag_by_partition.values())
+        self.metrics.set_lag(lag_by_partition)
+        self.metrics.assigned.set(len(self._assigned))
         if done != self._status_done or lag == 0:
             self._progress_at = now
         self._last_status, self._status_done = now, done
@@ -743,6 +769,7 @@ class SinkConsumer:
         elif self._stalled:
             self._stalled = False
             log.event("stall_cleared", lag=lag, indexed=self.indexed)
+        self.metrics.stalled.set(stalled_s)
         sdnotify.notify(f"STATUS={status}")
         log.event("throughput", docs_per_s=round(rate, 1), lag=lag, indexed=self.indexed,
                   already_present=self.already_present, dlq=self.dead_lettered,
@@ -761,9 +788,10 @@ class SinkConsumer:
         waited = self._last_status - self._progress_at
         return waited if limit and waited >= limit else 0.0
 
-    def _lag(self) -> int:
-        """Messages not yet handled on owned partitions (cached high watermarks, no request)."""
-        lag = 0
+    def _lag(self) -> dict[PartitionKey, int]:
+        """Messages not yet handled per owned partition (cached high watermarks, no request);
+        partitions not read yet are left out."""
+        lag: dict[PartitionKey, int] = {}
         for topic, partition in self._assigned:
             try:
                 _low, high = self._consumer.get_watermark_offsets(
@@ -774,7 +802,7 @@ class SinkConsumer:
             if pos is None:
                 continue
             if high is not None and high >= 0:
-                lag += max(0, high - pos)
+                lag[(topic, partition)] = max(0, high - pos)
         return lag
 
 

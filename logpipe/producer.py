@@ -198,6 +198,16 @@ def run(cfg: Config, stop: threading.Event | None = None) -> int:
     ``EXIT_REFUSED`` (4) when a broker refused the credentials, the CA or an ACL."""
     p = cfg.producer
     result = produce(cfg, p.count, rate=p.rate, duration=p.duration_s, seed=p.seed, stop=stop)
+    if cfg.metrics.textfile:
+        from logpipe.metrics import write_producer_textfile
+
+        try:
+            write_producer_textfile(cfg.metrics.textfile, delivered=result.delivered,
+                                    failed=result.failed, produced=result.produced,
+                                    seconds=result.elapsed_s, ok=result.ok)
+        except OSError as exc:
+            # The logs went out; a missing metrics directory must not fail the run.
+            log.warning("metrics_textfile_failed", path=cfg.metrics.textfile, error=str(exc))
     if result.refusal is not None:
         return refusal.EXIT_REFUSED
     return 0 if result.ok else 1
