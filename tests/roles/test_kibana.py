@@ -1,5 +1,6 @@
 """roles/kibana without the Kibana binary: templates, argument spec, asserts; a real converge
-only when LOGPIPE_KIBANA_ARCHIVE points at a Kibana tarball.
+only when LOGPIPE_KIBANA_ARCHIVE points at a Kibana tarball. The saved objects' API calls have
+their own contract test (test_kibana_contract.py).
 
 Templates are rendered by Ansible itself (`ansible-playbook` against localhost with
 `connection: local`, into a temporary directory), so the filters and lookups are the real ones.
@@ -422,6 +423,25 @@ def test_public_base_url_trailing_slash_is_rejected(tmp_path: Path) -> None:
     assert "publicBaseUrl" in proc.stdout
 
 
+def test_saved_objects_need_kibana_8_9_and_plain_ids(tmp_path: Path) -> None:
+    """The Lens objects claim migration version 8.9.0, which an older Kibana refuses."""
+    proc = _validate(tmp_path, VARS | {"kibana_version": "8.8.2"})
+    assert proc.returncode != 0
+    assert "they need Kibana 8.9 or later" in " ".join(proc.stdout.split())
+    for n, bad in enumerate(({"kibana_saved_objects_id_prefix": "Logpipe"},
+                             {"kibana_saved_objects_space": "Ops Team"},
+                             {"kibana_saved_objects_index": "web-logs-*"})):
+        run = tmp_path / f"bad-{n}"
+        run.mkdir()
+        proc = _validate(run, VARS | bad)
+        assert proc.returncode != 0, bad
+        assert "Invalid saved objects settings" in " ".join(proc.stdout.split())
+    off = tmp_path / "off"
+    off.mkdir()
+    proc = _validate(off, VARS | {"kibana_version": "8.8.2", "kibana_saved_objects_enabled": False})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+
 def test_elastic_superuser_is_rejected(tmp_path: Path) -> None:
     overrides = VARS | {
         "kibana_elasticsearch_username": "elastic",
@@ -720,8 +740,9 @@ CONVERGE_SKIP = "; ".join(
 def test_converge_kibana_for_real(tmp_path: Path) -> None:
     """Converge roles/elasticsearch (integ-test zip, one node, security on) and roles/kibana (the
     given tarball) in one systemd container with the role defaults for TLS and credentials: HTTPS
-    to Elasticsearch with the pki CA and the published token, server.ssl, authenticated API calls.
-    Never run on the project's machines (no Kibana artifact there)."""
+    to Elasticsearch with the pki CA and the published token, server.ssl, authenticated API calls,
+    logpipe's saved objects imported (and not again on the second run). Never run on the
+    project's machines (no Kibana artifact there)."""
     archive = Path(KIBANA_ARCHIVE).resolve()
     assert archive.is_file(), f"LOGPIPE_KIBANA_ARCHIVE={KIBANA_ARCHIVE} is not a file"
     version = archive.name.removeprefix("kibana-").split("-linux")[0]
@@ -820,6 +841,32 @@ def test_converge_kibana_for_real(tmp_path: Path) -> None:
                         "ca_path": "/etc/kibana/certs/ca.crt",
                         "status_code": 401,
                     },
+                },
+                {
+                    "name": "The dashboard and its visualizations are there",
+                    "ansible.builtin.uri": {
+                        "url": "https://127.0.0.1:5601/api/saved_objects/_export",
+                        "method": "POST",
+                        "headers": {"kbn-xsrf": "true"},
+                        "body_format": "json",
+                        "body": {
+                            "objects": [
+                                {"type": "dashboard", "id": "logpipe-web-logs-dashboard"}
+                            ],
+                            "includeReferencesDeep": True,
+                        },
+                        "url_username": "elastic",
+                        "url_password": API_PASSWORD,
+                        "force_basic_auth": True,
+                        "ca_path": "/etc/kibana/certs/ca.crt",
+                        "return_content": True,
+                    },
+                    "register": "exported",
+                    "failed_when": (
+                        "exported.content.splitlines() | map('from_json')"
+                        " | selectattr('type', 'defined') | selectattr('type', '==', 'lens')"
+                        " | list | length != 4"
+                    ),
                 },
                 {
                     "name": "Plain HTTP on the Kibana port",
