@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -226,7 +227,7 @@ def _run_daemon(cfg: Config, pidfile: Path, log_file: str | None, run: Any) -> i
         except PermissionError:
             pass  # alive, owned by someone else
         else:
-            print(f"logpipe: already running with pid {pid} ({pidfile})", file=sys.stderr)
+            _complain(f"already running with pid {pid} ({pidfile})")
             return 1
     stream = Path(log_file).resolve().open("a", buffering=1) if log_file else None
     # No SIGTERM entry: python-daemon's default maps it to SystemExit (and None would mean
@@ -277,6 +278,12 @@ class _UsageError(Exception):
     pass
 
 
+def _complain(message: str) -> None:
+    """A plain ``logpipe: ...`` line on stderr for a person at a terminal, at error priority when
+    stderr is the journal (it may come before logging is set up)."""
+    print(f"{log.prefix(logging.ERROR)}logpipe: {message}", file=sys.stderr)
+
+
 COMMANDS = {
     "produce": cmd_produce, "bootstrap": cmd_bootstrap, "prune": cmd_prune,
     "consume": cmd_consume, "status": cmd_status, "check": cmd_check, "config": cmd_config,
@@ -292,13 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if level:
             cfg = cfg.replace("logging", level=level)
     except ConfigError as exc:
-        print(f"logpipe: config error: {exc}", file=sys.stderr)
+        _complain(f"config error: {exc}")
         return 2
     log.setup(cfg.logging.level)
     try:
         return COMMANDS[args.command](cfg, args)
     except ConfigError as exc:
-        print(f"logpipe: config error: {exc}", file=sys.stderr)
+        _complain(f"config error: {exc}")
         return 2
     except Refused as exc:
         exc.refusal.log()
