@@ -211,24 +211,35 @@ def cmd_consume(cfg: Config, args: argparse.Namespace) -> int:
     return _run_daemon(cfg, Path(args.pidfile), args.log_file, consumer.run)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
 def _run_daemon(cfg: Config, pidfile: Path, log_file: str | None, run: Any) -> int:
     import daemon
     import daemon.pidfile
+    from lockfile import LockError
 
     # The daemon changes to /: resolve paths first.
-    lock = daemon.pidfile.PIDLockFile(str(pidfile.resolve()))
-    pid = lock.read_pid()
-    if pid is not None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            log.warning("stale_pidfile_removed", pidfile=str(pidfile), pid=pid)
-            lock.break_lock()
-        except PermissionError:
-            pass  # alive, owned by someone else
-        else:
+    pidfile = pidfile.resolve()
+    # timeout=0: a pidfile someone else holds fails at once instead of waiting for it forever.
+    lock = daemon.pidfile.PIDLockFile(str(pidfile), timeout=0)
+    if lock.is_locked():
+        pid = lock.read_pid()
+        if pid is not None and _alive(pid):
             _complain(f"already running with pid {pid} ({pidfile})")
             return 1
+        # A crashed daemon's pid, or no pid at all (a file cut short by a crash): nobody holds
+        # it, and the lock would otherwise refuse every later start.
+        log.warning("stale_pidfile_removed", pidfile=str(pidfile),
+                    pid=pid if pid is not None else "none")
+        lock.break_lock()
     stream = Path(log_file).resolve().open("a", buffering=1) if log_file else None
     # No SIGTERM entry: python-daemon's default maps it to SystemExit (and None would mean
     # ignore it). The consumer installs its own SIGTERM handler inside run(), after this
@@ -237,10 +248,21 @@ def _run_daemon(cfg: Config, pidfile: Path, log_file: str | None, run: Any) -> i
         pidfile=lock, stdout=stream, stderr=stream, umask=0o022,
         signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
     )
+    try:
+        # Detaches (the parent exits 0 here), redirects stdout/stderr, then takes the pidfile.
+        context.open()
+    except LockError as exc:
+        # Another instance took the pidfile between the check above and now. This is the
+        # detached child already: its stderr is the log file.
+        log.setup(cfg.logging.level)
+        log.error("daemon_failed", reason="pidfile_locked", pidfile=str(pidfile), error=str(exc))
+        return 1
     with context:
         log.setup(cfg.logging.level)  # stderr is now the log file (or /dev/null)
         log.event("daemon_started", pid=os.getpid(), pidfile=str(pidfile))
         code: int = run(cfg)
+        # Nobody waits for a daemon's exit status: the log file is the only place it shows.
+        log.event("daemon_stopped", code=code, pidfile=str(pidfile))
         return code
 
 

@@ -730,7 +730,8 @@ def test_venv_tools_exist_in_the_running_venv() -> None:
 
 def test_no_path_of_a_machine_is_in_the_repository() -> None:
     """No absolute path of the machine a change was made on (its work tree, its notes, its home
-    directory). /root/ inside Molecule's containers is theirs, not this machine's."""
+    directory). Home directories inside Molecule's containers and the lab's hosts are theirs, not
+    this machine's."""
     if shutil.which("git") is None or not (TOP / ".git").exists():
         pytest.skip("not a git checkout")
     listed = subprocess.run(["git", "-C", str(TOP), "ls-files", "-z"], capture_output=True,
