@@ -37,9 +37,10 @@ def test_priority_follows_the_sd_daemon_numbers(level: int, prio: int) -> None:
     (logging.INFO, "<6>"), (logging.DEBUG, "<7>"),
 ])
 def test_journal_lines_start_with_their_priority(level: int, prefix: str) -> None:
-    line = log.KeyValueFormatter(journal=True).format(_record(level, docs=3))
+    record = _record(level, docs=3)
+    line = log.KeyValueFormatter(journal=True).format(record)
     assert line.startswith(prefix + "ts=")
-    plain = log.KeyValueFormatter().format(_record(level, docs=3))
+    plain = log.KeyValueFormatter().format(record)
     assert line == prefix + plain
     assert plain.startswith("ts=") and plain.endswith("event=batch_committed docs=3")
 
