@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export ANSIBLE_LOCAL_TEMP := $(abspath .cache/ansible/tmp)
 export ANSIBLE_HOME := $(abspath .cache/ansible/home)
 
-.PHONY: help venv constraints fetch images lint test test-unit test-integration test-molecule test-pipeline test-full \
+.PHONY: help host-packages venv constraints fetch images lint test test-unit test-integration test-molecule test-pipeline test-full \
         lab lab-status lab-shell lab-down bench chaos clean
 
 help:
@@ -21,6 +21,11 @@ help:
 # constraints.txt pins every tool and library the dev/CI environment resolves to, so a fresh
 # clone lints and tests against the versions main was proven with. Refresh it on purpose with
 # `make constraints` (then run `make test`).
+# What this machine needs beyond a base Debian system (scripts/host-packages.txt, the list .ci/run
+# installs too). Needs root only when a package is missing.
+host-packages:
+	scripts/install-host-packages.sh
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -71,7 +76,8 @@ test-full: lint
 	$(MAKE) venv fetch images
 	$(BIN)/pytest -q --durations=15 tests
 
-lab: venv fetch
+# host-packages first: a fresh machine lacks python3-venv for `venv` and Maven for `fetch`.
+lab: host-packages venv fetch
 	scripts/lab.sh up
 
 lab-status: venv

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -215,24 +216,35 @@ def cmd_consume(cfg: Config, args: argparse.Namespace) -> int:
     return _run_daemon(cfg, Path(args.pidfile), args.log_file, consumer.run)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
 def _run_daemon(cfg: Config, pidfile: Path, log_file: str | None, run: Any) -> int:
     import daemon
     import daemon.pidfile
+    from lockfile import LockError
 
     # The daemon changes to /: resolve paths first.
-    lock = daemon.pidfile.PIDLockFile(str(pidfile.resolve()))
-    pid = lock.read_pid()
-    if pid is not None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            log.warning("stale_pidfile_removed", pidfile=str(pidfile), pid=pid)
-            lock.break_lock()
-        except PermissionError:
-            pass  # alive, owned by someone else
-        else:
-            print(f"logpipe: already running with pid {pid} ({pidfile})", file=sys.stderr)
+    pidfile = pidfile.resolve()
+    # timeout=0: a pidfile someone else holds fails at once instead of waiting for it forever.
+    lock = daemon.pidfile.PIDLockFile(str(pidfile), timeout=0)
+    if lock.is_locked():
+        pid = lock.read_pid()
+        if pid is not None and _alive(pid):
+            _complain(f"already running with pid {pid} ({pidfile})")
             return 1
+        # A crashed daemon's pid, or no pid at all (a file cut short by a crash): nobody holds
+        # it, and the lock would otherwise refuse every later start.
+        log.warning("stale_pidfile_removed", pidfile=str(pidfile),
+                    pid=pid if pid is not None else "none")
+        lock.break_lock()
     stream = Path(log_file).resolve().open("a", buffering=1) if log_file else None
     # No SIGTERM entry: python-daemon's default maps it to SystemExit (and None would mean
     # ignore it). The consumer installs its own SIGTERM handler inside run(), after this
@@ -241,10 +253,21 @@ def _run_daemon(cfg: Config, pidfile: Path, log_file: str | None, run: Any) -> i
         pidfile=lock, stdout=stream, stderr=stream, umask=0o022,
         signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
     )
+    try:
+        # Detaches (the parent exits 0 here), redirects stdout/stderr, then takes the pidfile.
+        context.open()
+    except LockError as exc:
+        # Another instance took the pidfile between the check above and now. This is the
+        # detached child already: its stderr is the log file.
+        log.setup(cfg.logging.level)
+        log.error("daemon_failed", reason="pidfile_locked", pidfile=str(pidfile), error=str(exc))
+        return 1
     with context:
         log.setup(cfg.logging.level)  # stderr is now the log file (or /dev/null)
         log.event("daemon_started", pid=os.getpid(), pidfile=str(pidfile))
         code: int = run(cfg)
+        # Nobody waits for a daemon's exit status: the log file is the only place it shows.
+        log.event("daemon_stopped", code=code, pidfile=str(pidfile))
         return code
 
 
@@ -283,6 +306,12 @@ class _UsageError(Exception):
     pass
 
 
+def _complain(message: str) -> None:
+    """A plain ``logpipe: ...`` line on stderr for a person at a terminal, at error priority when
+    stderr is the journal (it may come before logging is set up)."""
+    print(f"{log.prefix(logging.ERROR)}logpipe: {message}", file=sys.stderr)
+
+
 COMMANDS = {
     "produce": cmd_produce, "bootstrap": cmd_bootstrap, "prune": cmd_prune,
     "consume": cmd_consume, "status": cmd_status, "check": cmd_check, "config": cmd_config,
@@ -298,13 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if level:
             cfg = cfg.replace("logging", level=level)
     except ConfigError as exc:
-        print(f"logpipe: config error: {exc}", file=sys.stderr)
+        _complain(f"config error: {exc}")
         return 2
     log.setup(cfg.logging.level)
     try:
         return COMMANDS[args.command](cfg, args)
     except ConfigError as exc:
-        print(f"logpipe: config error: {exc}", file=sys.stderr)
+        _complain(f"config error: {exc}")
         return 2
     except Refused as exc:
         exc.refusal.log()

@@ -17,9 +17,7 @@ fi
 cache="$LOGPIPE_CACHE/images"; mkdir -p "$cache"
 tarball="$cache/debian-${suite}-r${rev}.tar"
 if [ ! -s "$tarball" ]; then
-  command -v debootstrap >/dev/null || {
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+  command -v debootstrap >/dev/null || "$LOGPIPE_TOP/scripts/install-host-packages.sh"
   # Use the same Debian mirror this machine's apt uses (containers reach it over http).
   mirror=$(grep -rhoE '^(URIs:|deb) +http[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
            | awk '{print $2}' | head -n1 || true)

@@ -3,10 +3,9 @@
 # in the background when it is not running (these machines have no init system managing it).
 set -euo pipefail
 if docker info >/dev/null 2>&1; then exit 0; fi
-if ! command -v dockerd >/dev/null; then
-  echo "ensure-docker: installing docker.io" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq docker.io >/dev/null
+# docker.io (and procps for pgrep) come from the project's install list.
+if ! command -v dockerd >/dev/null || ! command -v pgrep >/dev/null; then
+  "$(dirname "$0")/install-host-packages.sh"
 fi
 if ! pgrep -x dockerd >/dev/null; then
   echo "ensure-docker: starting dockerd" >&2

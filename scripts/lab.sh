@@ -252,16 +252,10 @@ run_playbook() {
   log "site.yml finished: changed=$changed"
 }
 
-# What this script runs on this machine besides Docker: ssh/ssh-keygen and curl (a fresh Debian
-# machine may lack them).
+# What this script runs on this machine (Docker, ssh/ssh-keygen, curl, ...): the project's one
+# install list, scripts/host-packages.txt (a fresh Debian machine lacks them).
 ensure_tools() {
-  local need=()
-  command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
-  command -v curl >/dev/null || need+=(curl)
-  [ ${#need[@]} -eq 0 ] && return 0
-  log "installing ${need[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  "$TOP/scripts/install-host-packages.sh"
 }
 
 cmd_up() {

@@ -1,4 +1,5 @@
-"""Unit tests never see the developer's LOGPIPE_* environment or /etc/logpipe."""
+"""Unit tests never see the developer's LOGPIPE_* environment, /etc/logpipe, or a journal stream
+(JOURNAL_STREAM) inherited from the session that runs them."""
 
 from __future__ import annotations
 
@@ -12,3 +13,4 @@ def _clean_logpipe_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("LOGPIPE_"):
             monkeypatch.delenv(name)
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
