@@ -6,14 +6,16 @@ Pure functions, no I/O. The rules (see docs/DESIGN.md):
   its own event ``timestamp``;
 * a bulk item is matched to its document by ``_index`` + ``_id``, never by position;
 * 200/201 -> done, 409 -> already present (a replay), 429/5xx/missing -> retry, 400 document
-  errors -> dead-letter topic with the reason.
+  errors -> dead-letter topic with the reason;
+* a request refused as too large (413) is sent again in halves; a document refused alone goes to
+  the dead-letter topic as ``too_large``.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -90,6 +92,24 @@ class BulkOutcome:
     # Elasticsearch refused us (credentials, certificate, a missing privilege): the refused
     # items are also in ``retry`` (never handled), but the consumer stops instead of retrying.
     refusal: Refusal | None = None
+
+
+    def add(self, other: BulkOutcome, base: int) -> None:
+        """Merge the outcome of a request whose documents start at position ``base``."""
+        self.created.extend(base + p for p in other.created)
+        self.already_present.extend(base + p for p in other.already_present)
+        self.retry.extend(base + p for p in other.retry)
+        self.rejected.update({base + p: r for p, r in other.rejected.items()})
+        self.retry_reason = self.retry_reason or other.retry_reason
+        self.refusal = self.refusal or other.refusal
+
+
+@dataclass(frozen=True, slots=True)
+class TooLarge:
+    """A whole request refused for its size (HTTP 413): ``body_bytes`` is what was sent."""
+
+    body_bytes: int
+    detail: str
 
 
 def now_iso() -> str:
@@ -200,6 +220,28 @@ def split_docs(docs: list[Doc], chunks: int, max_bytes: int) -> list[list[Doc]]:
             total += cost
         parts.append(current)
     return parts
+
+
+def send_in_parts(docs: list[Doc], send: Callable[[list[Doc]], BulkOutcome | TooLarge],
+                  ) -> BulkOutcome:
+    """``send(docs)``; where the request is too large, send each half the same way at once.
+
+    A size limit is not overload: waiting would not help, and the halves go out without a
+    backoff. A document refused on its own can never be indexed through this endpoint and is
+    rejected ``too_large`` (dead-lettered). Positions are relative to ``docs``.
+    """
+    answer = send(docs)
+    if isinstance(answer, BulkOutcome):
+        return answer
+    if len(docs) == 1:
+        return BulkOutcome(rejected={0: Rejected(
+            "too_large", f"a bulk request holding only this document ({answer.body_bytes} "
+                         f"bytes) was refused: {answer.detail}"[:MAX_ERROR_CHARS])})
+    middle = len(docs) // 2
+    outcome = BulkOutcome()
+    outcome.add(send_in_parts(docs[:middle], send), 0)
+    outcome.add(send_in_parts(docs[middle:], send), middle)
+    return outcome
 
 
 def error_text(error: object) -> str:

@@ -99,6 +99,10 @@ class ConsumerConfig:
     # With messages waiting (lag > 0) and none handled for this long, the consumer reports itself
     # stalled: a warning line and STATUS= (systemctl status). 0 turns the report off.
     stall_after_s: float = 300.0
+    # Largest bulk request body sent: a batch over it goes in several requests. Keep it under
+    # Elasticsearch's http.max_content_length (100 MiB by default) and any proxy's body limit;
+    # a request refused with 413 anyway is split and the cap lowered until the next start.
+    max_bulk_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,8 @@ _POSITIVE = {
     ("kafka", "partitions"), ("kafka", "replication_factor"), ("kafka", "min_insync_replicas"),
     ("kafka", "dlq_partitions"), ("elasticsearch", "shards"), ("consumer", "batch_size"),
     ("consumer", "bulk_concurrency"), ("consumer", "poll_timeout_s"),
-    ("consumer", "max_message_bytes"), ("producer", "flush_timeout_s"),
+    ("consumer", "max_message_bytes"), ("consumer", "max_bulk_bytes"),
+    ("producer", "flush_timeout_s"),
     ("elasticsearch", "request_timeout_s"),
 }
 _NON_NEGATIVE = {

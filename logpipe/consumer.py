@@ -27,10 +27,12 @@ from logpipe.bulk import (
     BulkOutcome,
     Doc,
     Rejected,
+    TooLarge,
     backoff_s,
     build_body,
     classify,
     make_doc,
+    send_in_parts,
     split_docs,
 )
 from logpipe.bulk import now_iso as _now_iso
@@ -57,9 +59,6 @@ FETCH_SLICE_S = 0.1
 WAIT_SLICE_S = 1.0
 # A run-once invocation (timer) gives up if Kafka/Elasticsearch do not answer within this.
 RUN_ONCE_READY_TIMEOUT_S = 60.0
-# Elasticsearch refuses bodies over http.max_content_length (100 MiB by default) with 413,
-# which retrying cannot fix: big batches of big messages are sent in several requests.
-MAX_BULK_BYTES = 32 * 1024 * 1024
 # Only the fields classification needs: keeps the response small and cheap to parse.
 BULK_FILTER_PATH = "errors,items.*._id,items.*._index,items.*.status,items.*.error"
 
@@ -112,6 +111,10 @@ class SinkConsumer:
         self._paused: set[PartitionKey] = set()
         self._watchdog = sdnotify.Watchdog()
         self._pool: ThreadPoolExecutor | None = None
+        # Request size cap (consumer.max_bulk_bytes), lowered by 413 answers until restart.
+        self._bulk_cap = cfg.consumer.max_bulk_bytes
+        self._smallest_refused = 0
+        self._bulk_cap_lock = threading.Lock()
         self._fatal: KafkaError | None = None
         # The first refusal (credentials, certificate, ACL/privilege): stops the loop.
         self._refusal: Refusal | None = None
@@ -515,8 +518,9 @@ class SinkConsumer:
     # -- Elasticsearch -----------------------------------------------------------------------
 
     def _bulk(self, docs: list[Doc]) -> BulkOutcome:
-        """Send ``docs`` (split for bulk_concurrency and the request size cap) and merge the
-        outcomes, positions relative to ``docs``.
+        """Send ``docs`` (split for bulk_concurrency and the request size cap, and again
+        wherever a request is refused as too large) and merge the outcomes, positions relative
+        to ``docs``.
 
         Requests run on the pool even one at a time: the main thread keeps the systemd
         watchdog fed while a slow request is within its own timeout, and can give up waiting
@@ -526,7 +530,8 @@ class SinkConsumer:
         chunks = self.cfg.consumer.bulk_concurrency
         if len(docs) < 2 * chunks:
             chunks = 1  # not worth splitting a handful of retries
-        parts = split_docs(docs, chunks, MAX_BULK_BYTES)
+        cap = self._bulk_cap
+        parts = split_docs(docs, chunks, cap)
         futures = [self._pool.submit(self._bulk_chunk, part) for part in parts]
         pending = set(futures)
         while pending:
@@ -542,17 +547,41 @@ class SinkConsumer:
             else:
                 future.cancel()
                 outcome = BulkOutcome(retry=list(range(len(part))), retry_reason="shutdown")
-            merged.created.extend(base + p for p in outcome.created)
-            merged.already_present.extend(base + p for p in outcome.already_present)
-            merged.retry.extend(base + p for p in outcome.retry)
-            merged.rejected.update({base + p: r for p, r in outcome.rejected.items()})
-            merged.retry_reason = merged.retry_reason or outcome.retry_reason
-            merged.refusal = merged.refusal or outcome.refusal
+            merged.add(outcome, base)
             base += len(part)
+        if self._bulk_cap < cap:
+            # Once per lowering, not per refused request: the recursive halving behind it
+            # may have taken several.
+            log.warning("bulk_too_large", refused_bytes=self._smallest_refused,
+                        previous_cap_bytes=cap, new_cap_bytes=self._bulk_cap,
+                        hint="a limit below consumer.max_bulk_bytes: Elasticsearch "
+                             "http.max_content_length or a proxy's body size limit")
         return merged
 
     def _bulk_chunk(self, docs: list[Doc]) -> BulkOutcome:
-        """One ``_bulk`` request; a failure of the whole request makes every item retriable."""
+        return send_in_parts(docs, self._bulk_request)
+
+    def _too_large(self, body_bytes: int) -> TooLarge:
+        """Note a 413: the limit is below ``body_bytes``, so cut later requests at half of it
+        (the size of the halves sent next) rather than meet the limit with every batch."""
+        with self._bulk_cap_lock:
+            self._bulk_cap = min(self._bulk_cap, max(1, body_bytes // 2))
+            self._smallest_refused = min(self._smallest_refused or body_bytes, body_bytes)
+        return TooLarge(body_bytes, "HTTP 413 (over Elasticsearch's http.max_content_length "
+                                    "or a proxy's body size limit)")
+
+    def _bulk_request(self, docs: list[Doc]) -> BulkOutcome | TooLarge:
+        """One ``_bulk`` request; a failure of the whole request makes every item retriable,
+        except a 413, which says the body is too large.
+
+        Measured against Elasticsearch 8.19 with http.max_content_length lowered: an
+        over-limit ``_bulk`` is answered 413 (empty body) from the Content-Length header alone,
+        before any of the body is read or indexed; the body is then read and discarded and the
+        connection kept. The client sees an ``ApiError`` with status 413, never a reset (bodies
+        of 1 to 45 MiB, four in parallel). A reverse proxy's 413 (an HTML page) arrives the
+        same way. A reset that swallowed the answer would be an ordinary ``TransportError``
+        and retried: nothing tells it apart from an outage.
+        """
         assert self._es is not None
         body = build_body(docs)
         reason = ""
@@ -561,6 +590,8 @@ class SinkConsumer:
                 response = self._es.bulk(body=body,  # type: ignore[arg-type]
                                          filter_path=BULK_FILTER_PATH)
         except ApiError as exc:
+            if exc.meta.status == 413:
+                return self._too_large(len(body))
             reason = f"http_{exc.meta.status}"
             detail = str(exc)[:300]
             found = refusal.elasticsearch(exc, self.cfg.elasticsearch.hosts)

@@ -9,14 +9,17 @@ import pytest
 
 from logpipe.bulk import (
     MAX_ID_BYTES,
+    BulkOutcome,
     Doc,
     Rejected,
+    TooLarge,
     backoff_s,
     build_body,
     classify,
     classify_item,
     make_doc,
     now_iso,
+    send_in_parts,
     split_docs,
     valid_timestamp,
 )
@@ -378,3 +381,74 @@ def test_split_single_chunk_and_empty() -> None:
     docs = sized(5)
     assert split_docs(docs, 1, max_bytes=1 << 20) == [docs]
     assert split_docs([], 4, max_bytes=100) == [[]]
+
+
+# -- send_in_parts (413) -----------------------------------------------------------------------
+
+
+class LimitedEndpoint:
+    """Answers like an endpoint with a body size limit: TooLarge over ``limit`` bytes, else
+    every document created (or the ids in ``retry`` retried)."""
+
+    def __init__(self, limit: int, retry: frozenset[str] = frozenset()) -> None:
+        self.limit = limit
+        self.retry = retry
+        self.requests: list[list[str]] = []
+        self.created: list[str] = []
+
+    def __call__(self, docs: list[Doc]) -> BulkOutcome | TooLarge:
+        self.requests.append([d.doc_id for d in docs])
+        size = len(build_body(docs))
+        if size > self.limit:
+            return TooLarge(size, "HTTP 413")
+        outcome = BulkOutcome()
+        for pos, doc in enumerate(docs):
+            if doc.doc_id in self.retry:
+                outcome.retry.append(pos)
+                outcome.retry_reason = "es_rejected_execution_exception"
+            else:
+                outcome.created.append(pos)
+                self.created.append(doc.doc_id)
+        return outcome
+
+
+def test_under_the_limit_is_one_request() -> None:
+    docs = sized(8)
+    send = LimitedEndpoint(limit=1 << 20)
+    outcome = send_in_parts(docs, send)
+    assert outcome.created == list(range(8))
+    assert len(send.requests) == 1
+
+
+def test_too_large_request_is_halved_until_the_parts_fit() -> None:
+    docs = sized(8)
+    send = LimitedEndpoint(limit=len(build_body(docs[:2])))
+    outcome = send_in_parts(docs, send)
+    assert sorted(outcome.created) == list(range(8))
+    assert not outcome.rejected and not outcome.retry
+    # Every document indexed exactly once, in order; the refused requests held 8, 4 and 4.
+    assert send.created == [d.doc_id for d in docs]
+    assert [len(r) for r in send.requests] == [8, 4, 2, 2, 4, 2, 2]
+
+
+def test_a_document_too_large_alone_is_rejected_and_the_rest_indexed() -> None:
+    docs = sized(5)
+    docs[3] = Doc(IDX, "big", b"x" * 5000)
+    send = LimitedEndpoint(limit=1000)
+    outcome = send_in_parts(docs, send)
+    assert set(outcome.rejected) == {3}
+    rejected = outcome.rejected[3]
+    assert rejected.reason == "too_large"
+    assert "HTTP 413" in rejected.error and str(len(build_body([docs[3]]))) in rejected.error
+    assert sorted(outcome.created) == [0, 1, 2, 4]
+    assert send.created == ["id-0", "id-1", "id-2", "id-4"]
+    assert send.requests.count(["big"]) == 1, "a refused single document is not resent"
+
+
+def test_positions_of_retries_map_back_through_the_halves() -> None:
+    docs = sized(6)
+    send = LimitedEndpoint(limit=len(build_body(docs[:3])), retry=frozenset({"id-4"}))
+    outcome = send_in_parts(docs, send)
+    assert outcome.retry == [4]
+    assert outcome.retry_reason == "es_rejected_execution_exception"
+    assert sorted(outcome.created) == [0, 1, 2, 3, 5]

@@ -48,6 +48,7 @@ def test_file_values(tmp_path: Path) -> None:
     ("[kafka]\npartitions = \"six\"\n", "kafka.partitions"),
     ("[kafka]\npartitions = true\n", "kafka.partitions"),
     ("[kafka]\npartitions = 0\n", "kafka.partitions"),
+    ("[consumer]\nmax_bulk_bytes = 0\n", "consumer.max_bulk_bytes"),
     ("[elasticsearch]\nverify_certs = \"yes\"\n", "elasticsearch.verify_certs"),
     ("[elasticsearch]\nhosts = \"http://a:9200\"\n", "elasticsearch.hosts"),
     ("[elasticsearch]\nreplicas = -1\n", "elasticsearch.replicas"),

@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
+from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
+from elasticsearch import ApiError
 
 from logpipe.config import Config, ConsumerConfig, ElasticsearchConfig, KafkaConfig
 from logpipe.consumer import SinkConsumer, consumer_config
@@ -156,10 +158,13 @@ class FakeES:
 
     def __init__(self, world: World,
                  verdict: Callable[[str, int], int | None] = lambda _i, _n: None,
-                 fail_requests: int = 0) -> None:
+                 fail_requests: int = 0, max_body_bytes: int | None = None) -> None:
         self.world = world
         self.verdict = verdict
         self.fail_requests = fail_requests
+        # Like http.max_content_length: 413 for a larger body; documents per refused request.
+        self.max_body_bytes = max_body_bytes
+        self.refused: list[int] = []
         self.attempts: dict[str, int] = {}
         self.requests = 0
         self.lock = threading.Lock()
@@ -178,6 +183,11 @@ class FakeES:
                 self.fail_requests -= 1
                 raise EsConnectionError("connection refused")
             lines = body.split(b"\n")[:-1]
+            if self.max_body_bytes is not None and len(body) > self.max_body_bytes:
+                self.refused.append(len(lines) // 2)
+                raise ApiError("Request Entity Too Large", meta=ApiResponseMeta(
+                    status=413, http_version="1.1", headers=HttpHeaders(), duration=0.0,
+                    node=NodeConfig("http", "localhost", 9200)), body=None)
             items = []
             for action_line, source_line in zip(lines[::2], lines[1::2], strict=True):
                 action = orjson.loads(action_line)["create"]
@@ -428,6 +438,33 @@ def test_bulk_concurrency_splits_the_batch() -> None:
     assert consumer.indexed == 20
     # 4 chunks for the batch + 1 retry of the single failed item.
     assert es.requests == 5
+
+
+def test_request_too_large_is_halved_the_cap_learned_and_a_lone_refusal_dead_lettered(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from logpipe import log
+
+    log.setup("INFO")
+    big = orjson.dumps({"log_id": "big", "timestamp": "2026-11-24T10:00:00.123Z",
+                        "user_agent": "x" * 5000})
+    world, kafka = setup(per_partition=15, extra={0: [big]})
+    # Four of these documents fit in one request, five do not; the big one never fits.
+    es = FakeES(world, max_body_bytes=4 * 200)
+    dlq = FakeDLQ(world)
+    consumer = sink(make_config(), kafka, es, dlq)
+    assert consumer.run() == 0
+    assert consumer.indexed == 30
+    assert [(d.offset, d.reason) for d in dlq.sent] == [(15, "too_large")]
+    assert "HTTP 413" in dlq.sent[0].error
+    assert kafka.committed_position(0) == 16 and kafka.committed_position(1) == 15
+    # The first batch of 10 was refused, then both its halves; later requests were cut under
+    # the learned cap up front, and the big document was refused once, alone, and not retried.
+    assert es.refused == [10, 5, 5, 1]
+    assert consumer.retried == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if "event=bulk_too_large" in line]
+    assert len(warnings) == 1, warnings
+    assert "new_cap_bytes=" in warnings[0] and "previous_cap_bytes=33554432" in warnings[0]
 
 
 def test_consumer_config_semantics_cannot_be_overridden() -> None:
