@@ -97,6 +97,7 @@ class SinkConsumer:
         self.left_for_redelivery = 0
         self.ready = threading.Event()
         self.metrics = ConsumerMetrics()
+        self.metrics.bulk_cap.set(cfg.consumer.max_bulk_bytes)
         self._stop = threading.Event()
         self._stop_at: float | None = None
         self._consumer = consumer
@@ -550,6 +551,7 @@ class SinkConsumer:
             merged.add(outcome, base)
             base += len(part)
         if self._bulk_cap < cap:
+            self.metrics.bulk_cap.set(self._bulk_cap)
             # Once per lowering, not per refused request: the recursive halving behind it
             # may have taken several.
             log.warning("bulk_too_large", refused_bytes=self._smallest_refused,

@@ -69,6 +69,9 @@ class ConsumerMetrics:
         self.assigned = Gauge(
             "logpipe_consumer_assigned_partitions", "Partitions this consumer owns.",
             registry=reg)
+        self.bulk_cap = Gauge(
+            "logpipe_consumer_bulk_cap_bytes", "Current bulk request size cap: "
+            "consumer.max_bulk_bytes, lowered after a 413 until restart.", registry=reg)
         self.ready = Gauge(
             "logpipe_consumer_ready", "1 once Kafka and Elasticsearch answered and the consumer "
             "subscribed.", registry=reg)
