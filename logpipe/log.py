@@ -117,3 +117,26 @@ def warning(name: str, **fields: Any) -> None:
 
 def error(name: str, exc_info: bool = False, **fields: Any) -> None:
     event(name, logging.ERROR, exc_info=exc_info, **fields)
+
+
+class Throttle:
+    """At most one line per key every ``interval_s``: an outage makes librdkafka report the same
+    failure every ~50 ms (each reconnect), which would bury everything else in the journal.
+
+    ``held(key)`` returns None when the line must be dropped, else how many lines of that key
+    were dropped since the last one that went out (to log as ``repeated=N``).
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[object, float] = {}
+        self._dropped: dict[object, int] = {}
+
+    def held(self, key: object) -> int | None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._dropped.pop(key, 0)

@@ -146,3 +146,18 @@ def test_every_kafka_client_in_the_package_routes_librdkafka_logs() -> None:
                 and loggers[0].func.id == "RdKafkaLogger", f"{where}: logger is not RdKafkaLogger()"
     # consumer, producer, DLQ producer, admin, status: a rename must not make this vacuous.
     assert len(built) >= 5, built
+
+
+def test_throttle_lets_one_line_per_key_through_and_counts_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(log.time, "monotonic", lambda: now[0])
+    throttle = log.Throttle(interval_s=10.0)
+    assert throttle.held("a") == 0
+    assert throttle.held("a") is None
+    assert throttle.held("b") == 0  # keys are independent
+    now[0] += 5
+    assert throttle.held("a") is None
+    now[0] += 5
+    assert throttle.held("a") == 2  # two held back since the last line
+    assert throttle.held("a") is None
