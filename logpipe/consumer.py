@@ -39,6 +39,7 @@ from logpipe.bulk import now_iso as _now_iso
 from logpipe.config import Config, ConfigError
 from logpipe.dlq import DeadLetter, DeadLetterQueue
 from logpipe.es import make_client
+from logpipe.fatal import FatalError, fatal_error, fatal_in
 from logpipe.kafka import RdKafkaLogger, client_config
 from logpipe.metrics import ConsumerMetrics
 from logpipe.offsets import OffsetTracker, PartitionKey, commit_metadata
@@ -116,7 +117,8 @@ class SinkConsumer:
         self._bulk_cap = cfg.consumer.max_bulk_bytes
         self._smallest_refused = 0
         self._bulk_cap_lock = threading.Lock()
-        self._fatal: KafkaError | None = None
+        # The first fatal client state (fenced static member, dead DLQ producer): stops the loop.
+        self._fatal: FatalError | None = None
         # The first refusal (credentials, certificate, ACL/privilege): stops the loop.
         self._refusal: Refusal | None = None
         self._last_status = time.monotonic()
@@ -139,6 +141,11 @@ class SinkConsumer:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def _halted(self) -> bool:
+        """Refused or in a fatal state: nothing more can be handled by this process."""
+        return self._refusal is not None or self._fatal is not None
 
     def _past_shutdown_deadline(self) -> bool:
         return (self._stop_at is not None
@@ -174,7 +181,7 @@ class SinkConsumer:
         code = 0
         try:
             if not self._wait_ready():
-                code = 0 if self.stopping else 1
+                code = 0 if self.stopping and self._fatal is None else 1
                 if self._refusal is not None:
                     code = refusal.EXIT_REFUSED
                 return code
@@ -188,19 +195,30 @@ class SinkConsumer:
             if self._refusal is not None:
                 code = refusal.EXIT_REFUSED
             elif self._fatal is not None:
-                log.error("consumer_failed", error=str(self._fatal))
                 code = 1
         except KafkaException as exc:
-            log.error("consumer_failed", error=str(exc))
-            code = 1
+            # e.g. subscribe() once librdkafka has recorded a fatal error on the client.
+            if (found := self._refused_by(exc)) is not None:
+                self._refuse(found)
+                code = refusal.EXIT_REFUSED
+            elif (fatal := fatal_in(exc, "consumer")) is not None:
+                self._fail(fatal)
+                code = 1
+            else:
+                log.error("consumer_failed", error=str(exc))
+                code = 1
         except Exception as exc:
             log.error("consumer_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
             code = 1
         finally:
             self._close()
+            # Last, after the shutdown summary: the line an operator reads first. A refusal
+            # (exit 4) is a configuration problem systemd leaves failed; a fatal client state
+            # (exit 1) is cured by a new client, so systemd restarts the unit.
             if self._refusal is not None:
-                # Last, after the shutdown summary: the line an operator reads first.
                 self._refusal.log()
+            elif self._fatal is not None:
+                self._fatal.log()
         return code
 
     def _refused_by(self, exc: BaseException) -> Refusal | None:
@@ -209,6 +227,10 @@ class SinkConsumer:
     def _refuse(self, found: Refusal) -> None:
         if self._refusal is None:
             self._refusal = found
+
+    def _fail(self, found: FatalError) -> None:
+        if found.replaces(self._fatal):
+            self._fatal = found
 
     def _open(self) -> None:
         kcfg, ccfg = self.cfg.kafka, self.cfg.consumer
@@ -267,7 +289,7 @@ class SinkConsumer:
                                     f"{info.error if info is not None else 'missing'}")
             except KafkaException as exc:
                 problems.append(f"kafka: {exc}")
-            if self._refusal is not None:
+            if self._halted:
                 return False
             try:
                 assert self._es is not None
@@ -358,6 +380,8 @@ class SinkConsumer:
             self._tick()
             self._refresh_commits()
             batch = self._fetch()
+            if self._fatal is not None:
+                break  # what was fetched stays uncommitted for the instance that goes on
             if batch:
                 self._process(batch)
                 self.batches += 1
@@ -414,8 +438,9 @@ class SinkConsumer:
                         self._eof.add((eof_topic, eof_partition))
                 elif (found := refusal.kafka(err, self.cfg.kafka.bootstrap_servers)) is not None:
                     self._refuse(found)
-                elif err.fatal():
-                    self._fatal = err
+                elif (fatal := fatal_error(err, "consumer")) is not None:
+                    # How a consumer hears of its fatal state: code _FATAL, fatal() false.
+                    self._fail(fatal)
                 else:
                     log.warning("kafka_error", error=str(err))
                 continue
@@ -484,11 +509,13 @@ class SinkConsumer:
                         reason = reason or "dlq_delivery"
                 if self._dlq is not None and self._dlq.refusal is not None:
                     self._refuse(self._dlq.refusal)
+                if self._dlq is not None and self._dlq.fatal is not None:
+                    self._fail(self._dlq.fatal)
             else:
                 retry.extend(to_dlq)
             remaining = retry
-            if not remaining or self._refusal is not None:
-                # Refused: what is not handled stays uncommitted for the next start.
+            if not remaining or self._halted:
+                # Refused or fatal: what is not handled stays uncommitted for the next start.
                 break
             if self._stop.is_set() and self._past_shutdown_deadline():
                 break
@@ -641,7 +668,8 @@ class SinkConsumer:
                 self._pause_all()
                 self._tick()
                 left = end - time.monotonic()
-                if left <= 0 or (self._stop.is_set() and self._past_shutdown_deadline()):
+                if left <= 0 or self._fatal is not None \
+                        or (self._stop.is_set() and self._past_shutdown_deadline()):
                     break
                 messages = self._consumer.consume(self.cfg.consumer.batch_size,
                                                   min(PAUSED_POLL_S, left))
@@ -689,7 +717,8 @@ class SinkConsumer:
             self._committed_at.update(dict.fromkeys(positions, now))
 
     def _send_commit(self, positions: dict[PartitionKey, int]) -> dict[PartitionKey, int]:
-        if not positions:
+        if not positions or (self._fatal is not None and self._fatal.client == "consumer"):
+            # A consumer in a fatal state can commit nothing any more (librdkafka refuses).
             return {}
         metadata = commit_metadata(time.time())
         offsets = [TopicPartition(t, p, pos, metadata=metadata)
@@ -700,6 +729,11 @@ class SinkConsumer:
             found = self._refused_by(exc)
             if found is not None:
                 self._refuse(found)
+            elif (fatal := fatal_in(exc, "consumer")) is not None:
+                # No commit can ever succeed on this client (fenced, or dead): stop instead of
+                # retrying; the fatal line says why.
+                self._fail(fatal)
+                return {}
             # Typically a rebalance in progress: the positions stay pending and are retried
             # with the next commit (or by the revoke callback).
             log.warning("commit_failed", error=str(exc), partitions=len(offsets))
@@ -712,6 +746,9 @@ class SinkConsumer:
                 found = refusal.kafka(tp.error, self.cfg.kafka.bootstrap_servers)
                 if found is not None:
                     self._refuse(found)
+                elif (fatal := fatal_error(tp.error, "consumer")) is not None:
+                    self._fail(fatal)
+                    continue
                 log.warning("commit_failed", partition=tp.partition, error=str(tp.error))
         self._tracker.mark_committed(done)
         if done:
@@ -766,9 +803,8 @@ class SinkConsumer:
         found = refusal.kafka(err, self.cfg.kafka.bootstrap_servers)
         if found is not None:
             self._refuse(found)
-        elif err.fatal():
-            self._fatal = err
-            log.error("kafka_fatal", error=str(err))
+        elif (fatal := fatal_error(err, "consumer")) is not None:
+            self._fail(fatal)
         else:
             log.warning("kafka_error", error=str(err))
 

@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from logpipe import log
 from logpipe.config import KafkaConfig
+from logpipe.fatal import RAISED_BY_CLIENT, FatalError
 from logpipe.kafka import RdKafkaLogger, client_config
 from logpipe.refusal import KafkaErrorWatch, Refusal
 
@@ -64,8 +65,9 @@ class DeadLetterQueue:
         self._flush_timeout_s = flush_timeout_s
         self._tick = tick
         # A refused copy (no WRITE ACL on the DLQ topic, bad credentials) is unacknowledged like
-        # any failed one; the consumer also stops on it, since retrying cannot help.
-        self._watch = KafkaErrorWatch(cfg.bootstrap_servers)
+        # any failed one; the consumer also stops on it, since retrying cannot help. So it does
+        # on a fatal error (the idempotent producer's state lost): only a new client can send.
+        self._watch = KafkaErrorWatch(cfg.bootstrap_servers, client="dlq")
         if producer is None:
             conf = {
                 "linger.ms": 5,
@@ -77,20 +79,31 @@ class DeadLetterQueue:
                 "acks": "all",
                 "error_cb": self._watch,
             }
-            producer = Producer(conf, logger=RdKafkaLogger())
+            producer = Producer(conf, logger=RdKafkaLogger(self._watch.logged))
         self._producer = producer
 
     @property
     def refusal(self) -> Refusal | None:
         return self._watch.refusal
 
+    @property
+    def fatal(self) -> FatalError | None:
+        return self._watch.fatal
+
     def _flush(self, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s
         while True:
-            remaining = int(self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic()))))
+            try:
+                remaining = int(self._producer.flush(
+                    min(1.0, max(0.0, deadline - time.monotonic()))))
+            except RAISED_BY_CLIENT as exc:
+                # How confluent-kafka reports a producer's fatal error: raised from flush().
+                if not self._watch.caught(exc):
+                    raise
+                remaining = len(self._producer)
             if self._tick is not None:
                 self._tick()
-            if remaining == 0 or time.monotonic() >= deadline or self.refusal is not None:
+            if remaining == 0 or time.monotonic() >= deadline or self._watch.stopped:
                 return remaining
 
     def send(self, letters: Sequence[DeadLetter], timeout_s: float | None = None) -> list[bool]:
@@ -109,6 +122,8 @@ class DeadLetterQueue:
             return callback
 
         for pos, letter in enumerate(letters):
+            if self._watch.stopped:
+                break  # nothing more can be delivered by this client
             value, extra = fit_value(letter.value)
             try:
                 self._producer.produce(self._topic, value=value, key=letter.key,
@@ -124,7 +139,11 @@ class DeadLetterQueue:
                 except Exception as exc:
                     log.warning("dlq_produce_failed", error=str(exc),
                                 source_offset=letter.offset)
-            except Exception as exc:  # KafkaException: message too large, unknown topic, ...
+            except KafkaException as exc:  # message too large, unknown topic, ...
+                if not self._watch.caught(exc):
+                    log.warning("dlq_produce_failed", error=str(exc),
+                                source_offset=letter.offset)
+            except Exception as exc:
                 log.warning("dlq_produce_failed", error=str(exc), source_offset=letter.offset)
         remaining = self._flush(self._flush_timeout_s if timeout_s is None else timeout_s)
         if remaining:
@@ -133,8 +152,16 @@ class DeadLetterQueue:
 
     def close(self, timeout_s: float = 10.0) -> int:
         """Flush what is left; the number of messages still undelivered."""
-        if self.refusal is not None:
-            # Nothing queued can be delivered with a refused identity: do not wait for it.
+        if self._watch.stopped:
+            # Nothing queued can be delivered with a refused identity or by a client in a
+            # fatal state: do not wait for it.
             self._producer.purge()
             timeout_s = 0.0
-        return int(self._producer.flush(timeout_s))
+        try:
+            return int(self._producer.flush(timeout_s))
+        except RAISED_BY_CLIENT as exc:
+            # A fatal error raised after the last send: nothing left can be delivered.
+            if not self._watch.caught(exc):
+                raise
+            self._producer.purge()
+            return len(self._producer)

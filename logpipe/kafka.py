@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from logpipe.config import KafkaConfig, read_secret
@@ -29,13 +30,20 @@ class RdKafkaLogger:
     of its ``%3|1795...|FAIL|...`` format on stderr.
 
     confluent-kafka calls ``logger.log(level, "%s [%s] %s", facility, client_name, message)``.
+    ``listener(facility, message)``, if given, sees every line first (the fatal-error line:
+    ``logpipe.fatal.fatal_logged``).
     """
+
+    def __init__(self, listener: Callable[[str, str], None] | None = None) -> None:
+        self._listener = listener
 
     def log(self, level: int, fmt: str, *args: object) -> None:
         from logpipe import log  # local: keeps this module free of import cycles
 
         if len(args) == 3:
             facility, client, message = args
+            if self._listener is not None:
+                self._listener(str(facility), str(message))
             log.event("librdkafka", level, facility=facility, client=client, message=message)
         else:
             log.event("librdkafka", level, message=fmt % args if args else fmt)

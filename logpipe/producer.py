@@ -10,7 +10,9 @@ The producer is idempotent with ``acks=all``: a broker-side retry can neither du
 reorder messages within a partition. Key = ``log_id``, so the consumer can use the key as the
 Elasticsearch document id without parsing the value. Success means every message got a positive
 delivery report; anything failed or still queued after ``flush`` is counted and makes the command
-exit 1, so a timer run that lost logs is visible in ``systemctl --failed``.
+exit 1, so a timer run that lost logs is visible in ``systemctl --failed``. So does a fatal client
+state (``logpipe.fatal``: e.g. the idempotent producer's sequence state lost), which stops the run
+at once with one ``event=fatal reason=kafka_fatal`` line.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from logpipe import log, refusal
 from logpipe.config import Config
+from logpipe.fatal import RAISED_BY_CLIENT, FatalError
 from logpipe.generator import LogGenerator
 from logpipe.kafka import RdKafkaLogger, client_config
 from logpipe.refusal import KafkaErrorWatch, Refusal
@@ -44,6 +47,8 @@ class ProduceResult:
     elapsed_s: float
     # Set when a broker refused us (credentials, certificate, ACL): the run stopped early.
     refusal: Refusal | None = None
+    # Set when the client reached a fatal state: the run stopped early.
+    fatal: FatalError | None = None
 
     @property
     def undelivered(self) -> int:
@@ -52,7 +57,7 @@ class ProduceResult:
 
     @property
     def ok(self) -> bool:
-        return self.undelivered == 0 and self.refusal is None
+        return self.undelivered == 0 and self.refusal is None and self.fatal is None
 
     @property
     def rate(self) -> float:
@@ -90,20 +95,36 @@ class _Delivery:
         # A missing ACL shows only here (TOPIC_AUTHORIZATION_FAILED on every message).
         self._watch(err)
         if self.failed <= _MAX_ERRORS_LOGGED and err.code() != KafkaError._PURGE_QUEUE:
-            # (Purged messages are the ones dropped after a refusal, which is logged.)
+            # (Purged messages are the ones dropped after a refusal or a fatal error, which
+            # is logged.)
             log.error("delivery_failed", topic=msg.topic(), error=err.str(),
                       code=err.name(), retriable=err.retriable())
 
 
 def _send(producer: Producer, topic: str, key: bytes, value: bytes, on_delivery: _Delivery,
-          watch: KafkaErrorWatch) -> None:
-    while watch.refusal is None:
+          watch: KafkaErrorWatch) -> bool:
+    """Produce, waiting for room in the local queue; False if the client stopped first."""
+    while not watch.stopped:
         try:
             producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-            return
+            return True
         except BufferError:
             # Local queue full: serve delivery reports until there is room again.
             producer.poll(0.1)
+    return False
+
+
+def _stopped_by(exc: BaseException, producer: Producer, watch: KafkaErrorWatch) -> bool:
+    """Whether ``exc`` means a refusal or a fatal state. A fatal error is raised by poll() or
+    flush() (see ``logpipe.fatal.RAISED_BY_CLIENT``); produce() fails with its cause first,
+    which need not look fatal, so one poll() hears the error itself."""
+    if watch.caught(exc):
+        return True
+    try:
+        producer.poll(0)
+    except RAISED_BY_CLIENT as raised:
+        return watch.caught(raised)
+    return False
 
 
 def produce(cfg: Config, count: int, rate: float = 0, duration: float = 0,
@@ -118,8 +139,9 @@ def produce(cfg: Config, count: int, rate: float = 0, duration: float = 0,
     stop = stop or threading.Event()
     generator = LogGenerator(seed)
     topic = cfg.kafka.topic
-    watch = KafkaErrorWatch(cfg.kafka.bootstrap_servers)
-    producer = Producer({**producer_config(cfg), "error_cb": watch}, logger=RdKafkaLogger())
+    watch = KafkaErrorWatch(cfg.kafka.bootstrap_servers, client="producer")
+    producer = Producer({**producer_config(cfg), "error_cb": watch},
+                        logger=RdKafkaLogger(watch.logged))
     delivery = _Delivery(watch)
     if rate > 0 and duration > 0:
         target: int | None = int(rate * duration)
@@ -134,45 +156,53 @@ def produce(cfg: Config, count: int, rate: float = 0, duration: float = 0,
     produced = 0
     started = time.monotonic()
     deadline = started + duration if duration > 0 else None
-    while not stop.is_set() and watch.refusal is None and (target is None or produced < target):
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            break
-        if rate > 0:
-            # Paced in whole chunks (1/50 s of the rate): the schedule says how many should be
-            # out by now, one chunk ahead so the first goes at once and the last before the
-            # deadline. Until a whole chunk is due, serve delivery reports. Waiting per message
-            # instead asks poll() for sub-millisecond timeouts, which librdkafka rounds down to
-            # 0: the loop then spins and takes a whole core from the consumer it is feeding.
-            want = chunk if target is None else min(chunk, target - produced)
-            elapsed = now - started
-            due = int(elapsed * rate) + chunk
-            if due - produced < want:
-                wait = (produced + want - chunk) / rate - elapsed
-                producer.poll(min(max(wait, 0.001), 0.05))
-                continue
-            n = min(chunk, due - produced)
-        else:
-            n = chunk
-        if target is not None:
-            n = min(n, target - produced)
-        send = producer.produce
-        for key, value in generator.messages(n):
-            try:
-                send(topic, value=value, key=key, on_delivery=delivery)
-            except BufferError:
-                _send(producer, topic, key, value, delivery, watch)
-        produced += n
-        producer.poll(0)
+    try:
+        while not stop.is_set() and not watch.stopped and (target is None or produced < target):
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if rate > 0:
+                # Paced in whole chunks (1/50 s of the rate): the schedule says how many should be
+                # out by now, one chunk ahead so the first goes at once and the last before the
+                # deadline. Until a whole chunk is due, serve delivery reports. Waiting per message
+                # instead asks poll() for sub-millisecond timeouts, which librdkafka rounds down to
+                # 0: the loop then spins and takes a whole core from the consumer it is feeding.
+                want = chunk if target is None else min(chunk, target - produced)
+                elapsed = now - started
+                due = int(elapsed * rate) + chunk
+                if due - produced < want:
+                    wait = (produced + want - chunk) / rate - elapsed
+                    producer.poll(min(max(wait, 0.001), 0.05))
+                    continue
+                n = min(chunk, due - produced)
+            else:
+                n = chunk
+            if target is not None:
+                n = min(n, target - produced)
+            send = producer.produce
+            for key, value in generator.messages(n):
+                try:
+                    send(topic, value=value, key=key, on_delivery=delivery)
+                except BufferError:
+                    if not _send(producer, topic, key, value, delivery, watch):
+                        break
+                produced += 1
+            producer.poll(0)
+    except RAISED_BY_CLIENT as exc:
+        if not _stopped_by(exc, producer, watch):
+            raise
 
     remaining = _flush(producer, cfg.producer.flush_timeout_s, watch)
     elapsed = time.monotonic() - started
     result = ProduceResult(produced=produced, delivered=delivery.delivered,
-                           failed=delivery.failed, elapsed_s=elapsed, refusal=watch.refusal)
+                           failed=delivery.failed, elapsed_s=elapsed, refusal=watch.refusal,
+                           fatal=watch.fatal)
     log.event("produce_done", produced=produced, delivered=result.delivered,
               failed=result.failed, seconds=round(elapsed, 3), rate=round(result.rate, 1))
     if result.refusal is not None:
         result.refusal.log()
+    elif result.fatal is not None:
+        result.fatal.log()
     elif not result.ok:
         log.error("produce_incomplete", undelivered=result.undelivered, failed=result.failed,
                   still_queued=remaining, flush_timeout_s=cfg.producer.flush_timeout_s)
@@ -184,7 +214,15 @@ def _flush(producer: Producer, timeout_s: float, watch: KafkaErrorWatch) -> int:
     these credentials) instead of waiting out the timeout. Returns the messages left."""
     deadline = time.monotonic() + timeout_s
     while True:
-        remaining = int(producer.flush(min(_FLUSH_SLICE_S, max(0.0, deadline - time.monotonic()))))
+        try:
+            remaining = int(producer.flush(
+                min(_FLUSH_SLICE_S, max(0.0, deadline - time.monotonic()))))
+        except RAISED_BY_CLIENT as exc:
+            # A fatal error: librdkafka already failed what was queued (_PURGE_QUEUE); the
+            # requests in flight still get their answer, so the flush goes on.
+            if not watch.caught(exc):
+                raise
+            remaining = len(producer)
         if remaining and watch.refusal is not None:
             producer.purge()
             producer.flush(0)
@@ -194,8 +232,9 @@ def _flush(producer: Producer, timeout_s: float, watch: KafkaErrorWatch) -> int:
 
 
 def run(cfg: Config, stop: threading.Event | None = None) -> int:
-    """CLI entry: ``cfg.producer`` carries count/rate/duration/seed; exit 0, 1 or
-    ``EXIT_REFUSED`` (4) when a broker refused the credentials, the CA or an ACL."""
+    """CLI entry: ``cfg.producer`` carries count/rate/duration/seed; exit 0, 1 (undelivered
+    messages, or a fatal client state) or ``EXIT_REFUSED`` (4) when a broker refused the
+    credentials, the CA or an ACL."""
     p = cfg.producer
     result = produce(cfg, p.count, rate=p.rate, duration=p.duration_s, seed=p.seed, stop=stop)
     if cfg.metrics.textfile:

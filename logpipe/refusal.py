@@ -6,9 +6,10 @@ with exit code ``EXIT_REFUSED`` (4) and one line naming the server and the reaso
 
     event=fatal reason=kafka_auth_failed broker=127.0.0.1:9093 detail="..."
 
-Under systemd the unit's restart backoff then retries, so a password rotated on the servers before
-the clients is picked up without a tight loop of failing connections. Outages (connection refused,
-timeouts, 5xx, 429) are never refusals: those keep being retried in-process.
+Under systemd the consumer's unit is not restarted on exit 4 (``RestartPreventExitStatus``): it
+stays failed until the configuration is fixed, instead of a loop of failed logins. Outages
+(connection refused, timeouts, 5xx, 429) are never refusals: those keep being retried in-process.
+Fatal client states (``logpipe.fatal.fatal_cause``) are a third kind: exit 1, restart helps.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 
 from logpipe import log
+from logpipe.fatal import FatalError, cause_code, error_in, fatal_error, fatal_logged
 
 EXIT_REFUSED = 4
 
@@ -90,7 +92,8 @@ def kafka(err: KafkaError, bootstrap: str) -> Refusal | None:
     text = err.str()
     match = _BROKER_PREFIX.match(text)
     broker = match.group(1) if match else bootstrap
-    code = err.code()
+    # A fatal error's cause (``_FATAL`` on a consumer) may itself be a refusal.
+    code = cause_code(err)
     if code in _KAFKA_AUTH_CODES:
         return Refusal(KAFKA_AUTH, "broker", broker, text)
     if code in _KAFKA_ACL_CODES:
@@ -147,23 +150,58 @@ def find(exc: BaseException | None, bootstrap: str, hosts: Sequence[str]) -> Ref
 
 
 class KafkaErrorWatch:
-    """An ``error_cb`` that remembers the first refusal librdkafka reports.
+    """An ``error_cb`` that remembers the first refusal librdkafka reports, and the first fatal
+    client state (``logpipe.fatal.fatal_cause``) it sees.
 
     librdkafka reports a rejected password or certificate only through this callback (requests
     just time out), and only from ``poll()``/``consume()``/``flush()``: callers that block in
-    other calls poll the client and then ``check()``.
+    other calls poll the client and then ``check()``. A producer's fatal error never reaches
+    the callback: confluent-kafka raises it from ``poll()``/``flush()`` instead, and callers hand
+    the exception to ``caught()``.
     """
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, client: str = "client") -> None:
         self.bootstrap = bootstrap
+        self.client = client
         self.refusal: Refusal | None = None
+        self.fatal: FatalError | None = None
 
     def __call__(self, err: KafkaError) -> None:
         # Other errors (brokers down, timeouts) are retried by the client and already appear
         # as its own `event=librdkafka` lines.
         found = kafka(err, self.bootstrap)
-        if found is not None and self.refusal is None:
-            self.refusal = found
+        if found is not None:
+            if self.refusal is None:
+                self.refusal = found
+        else:
+            self._note(fatal_error(err, self.client))
+
+    def _note(self, found: FatalError | None) -> None:
+        if found is not None and found.replaces(self.fatal):
+            self.fatal = found
+
+    def logged(self, facility: str, message: str) -> None:
+        """``RdKafkaLogger`` listener: librdkafka's log line announcing a fatal error."""
+        self._note(fatal_logged(facility, message, self.client))
+
+    def caught(self, exc: BaseException) -> bool:
+        """Remember the refusal or fatal error ``exc`` carries (``logpipe.fatal.error_in``);
+        False if it carries neither (the caller re-raises). A SystemError from the client is
+        its fatal-error path losing the exception (``logpipe.fatal.RAISED_BY_CLIENT``): the
+        client is unusable either way."""
+        err = error_in(exc)
+        if err is None:
+            if not isinstance(exc, SystemError):
+                return False
+            self._note(FatalError(self.client, KafkaError(KafkaError._FATAL).name(), str(exc)))
+            return True
+        self(err)
+        return kafka(err, self.bootstrap) is not None or fatal_error(err, self.client) is not None
+
+    @property
+    def stopped(self) -> bool:
+        """Refused or fatal: this client can deliver nothing more."""
+        return self.refusal is not None or self.fatal is not None
 
     def check(self) -> None:
         """Raise ``Refused`` if a refusal was reported."""

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from logpipe import admin, cli, ops, producer
+from logpipe import admin, cli, log, ops, producer
 from logpipe.config import SECRET_MASK, CheckConfig, Config, ElasticsearchConfig
 
 SUBCOMMANDS = [["produce"], ["bootstrap"], ["prune"], ["consume"], ["status"], ["check"],
@@ -336,6 +336,9 @@ class _Err:
     def retriable(self) -> bool:
         return False
 
+    def fatal(self) -> bool:
+        return False
+
 
 class _Msg:
     def topic(self) -> str:
@@ -369,6 +372,51 @@ def test_produce_failures_make_exit_code_1(fake_producer: type[_FakeProducer],
     result = producer.produce(Config(), 100)
     assert result.failed == 10 and result.delivered == 90 and not result.ok
     assert producer.run(Config().replace("producer", count=100)) == 1
+
+
+class _FencedProducer(_FakeProducer):
+    """An idempotent producer that reaches a fatal state after 150 messages: confluent-kafka
+    raises the error from poll()/flush() (fatal() true), once; produce() fails with its code
+    (fatal() false) from the moment it is set, before any poll() reported it."""
+
+    raised = False
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        if len(self.sent) >= 150:
+            raise KafkaException(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER))
+        super().produce(topic, value, key, on_delivery)
+
+    def poll(self, timeout: float = 0) -> int:
+        from confluent_kafka import KafkaError, KafkaException
+
+        served = super().poll(timeout)
+        if len(self.sent) >= 150 and not self.raised:
+            self.raised = True
+            raise KafkaException(KafkaError(
+                KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+                "ProduceRequest for web-logs-topic [0] with 5 message(s) failed due to "
+                "sequence desynchronization with broker 1", fatal=True))
+        return served
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+
+def test_produce_stops_at_a_fatal_state_with_one_line(fake_producer: type[_FakeProducer],
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      ) -> None:
+    log.setup("INFO")
+    monkeypatch.setattr(producer, "Producer", _FencedProducer)
+    result = producer.produce(Config(), 10_000)
+    assert result.fatal is not None and not result.ok
+    assert result.produced == 150 and result.delivered == 150
+    assert producer.run(Config().replace("producer", count=10_000)) == 1
+    fatal = [line for line in capsys.readouterr().err.splitlines() if "event=fatal" in line]
+    assert len(fatal) == 2, fatal  # one per run
+    assert "reason=kafka_fatal client=producer cause=OUT_OF_ORDER_SEQUENCE_NUMBER" in fatal[0]
 
 
 def test_produce_rate_mode_paces(fake_producer: type[_FakeProducer]) -> None:

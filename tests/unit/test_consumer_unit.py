@@ -226,6 +226,7 @@ class FakeDLQ:
         self.fail_first = fail_first
         self.sent: list[DeadLetter] = []
         self.refusal: Any = None
+        self.fatal: Any = None
 
     def send(self, letters: list[DeadLetter], timeout_s: float | None = None) -> list[bool]:
         acks = []
