@@ -98,6 +98,7 @@ class SinkConsumer:
         self.left_for_redelivery = 0
         self.ready = threading.Event()
         self.metrics = ConsumerMetrics()
+        self._error_throttle = log.Throttle()
         self.metrics.bulk_cap.set(cfg.consumer.max_bulk_bytes)
         self._stop = threading.Event()
         self._stop_at: float | None = None
@@ -442,7 +443,7 @@ class SinkConsumer:
                     # How a consumer hears of its fatal state: code _FATAL, fatal() false.
                     self._fail(fatal)
                 else:
-                    log.warning("kafka_error", error=str(err))
+                    self._kafka_error(err)
                 continue
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             # librdkafka sets all three on every message that carries no error.
@@ -806,7 +807,14 @@ class SinkConsumer:
         elif (fatal := fatal_error(err, "consumer")) is not None:
             self._fail(fatal)
         else:
-            log.warning("kafka_error", error=str(err))
+            self._kafka_error(err)
+
+    def _kafka_error(self, err: KafkaError) -> None:
+        """A transient client error (a broker down, a timeout): librdkafka retries it on its
+        own and reports it on every attempt, so at most one line per error code per interval."""
+        repeated = self._error_throttle.held(err.code())
+        if repeated is not None:
+            log.warning("kafka_error", error=str(err), repeated=repeated)
 
     # -- status ------------------------------------------------------------------------------
 

@@ -35,7 +35,12 @@ class RdKafkaLogger:
     """
 
     def __init__(self, listener: Callable[[str, str], None] | None = None) -> None:
+        from logpipe import log
+
         self._listener = listener
+        # While a broker is down librdkafka logs each reconnect (~every 50 ms to 1 s): keep one
+        # line per facility and level every 10 s, with how many were held back.
+        self._throttle = log.Throttle()
 
     def log(self, level: int, fmt: str, *args: object) -> None:
         from logpipe import log  # local: keeps this module free of import cycles
@@ -44,6 +49,13 @@ class RdKafkaLogger:
             facility, client, message = args
             if self._listener is not None:
                 self._listener(str(facility), str(message))
-            log.event("librdkafka", level, facility=facility, client=client, message=message)
+            repeated = self._throttle.held((facility, client, level))
+            if repeated is None:
+                return
+            fields: dict[str, Any] = {"facility": facility, "client": client,
+                                         "message": message}
+            if repeated:
+                fields["repeated"] = repeated
+            log.event("librdkafka", level, **fields)
         else:
             log.event("librdkafka", level, message=fmt % args if args else fmt)

@@ -161,3 +161,13 @@ def test_throttle_lets_one_line_per_key_through_and_counts_the_rest(
     now[0] += 5
     assert throttle.held("a") == 2  # two held back since the last line
     assert throttle.held("a") is None
+
+
+def test_librdkafka_repeats_are_held_back(caplog: pytest.LogCaptureFixture) -> None:
+    logger = RdKafkaLogger()
+    caplog.set_level(logging.INFO, logger="logpipe")
+    for _ in range(20):
+        logger.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", "connect refused")
+    logger.log(logging.ERROR, "%s [%s] %s", "REQTMOUT", "rdkafka#consumer-1", "timed out")
+    lines = [r for r in caplog.records if r.getMessage() == "librdkafka"]
+    assert [getattr(r, "fields")["facility"] for r in lines] == ["FAIL", "REQTMOUT"]
