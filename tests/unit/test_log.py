@@ -170,4 +170,4 @@ def test_librdkafka_repeats_are_held_back(caplog: pytest.LogCaptureFixture) -> N
         logger.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", "connect refused")
     logger.log(logging.ERROR, "%s [%s] %s", "REQTMOUT", "rdkafka#consumer-1", "timed out")
     lines = [r for r in caplog.records if r.getMessage() == "librdkafka"]
-    assert [getattr(r, "fields")["facility"] for r in lines] == ["FAIL", "REQTMOUT"]
+    assert [r.fields["facility"] for r in lines] == ["FAIL", "REQTMOUT"]
