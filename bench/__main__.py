@@ -59,7 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "bench/rsyslog.conf.template) against logpipe consume, docs/s and one "
                         "kill -9 of each (its keys merged into bench/results.json)")
     p.add_argument("--peer-docs", type=int,
-                   help="backlog of the peer comparison (default 100,000; --quick 20,000)")
+                   help="backlog of the peer comparison (default 100,000; --quick 50,000: "
+                        "smaller ends before rsyslog's first commit, no mid-stream kill)")
     p.add_argument("--peer-rounds", type=int, default=3,
                    help="alternating rsyslog/logpipe rounds of the peer comparison")
     p.add_argument("--no-write", action="store_true")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.security_only:
         return security_only(args, workdir, producer_msgs, consumer_docs, command, started_at,
                              began, load_before)
-    peer_docs = args.peer_docs or (20_000 if quick else 100_000)
+    peer_docs = args.peer_docs or (50_000 if quick else 100_000)
     if args.peer_only:
         return peer_only(args, workdir, peer_docs, command, started_at, began, load_before)
     with core.servers(brokers=1) as (kafka, es):
