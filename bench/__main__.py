@@ -63,6 +63,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "smaller ends before rsyslog's first commit, no mid-stream kill)")
     p.add_argument("--peer-rounds", type=int, default=3,
                    help="alternating rsyslog/logpipe rounds of the peer comparison")
+    p.add_argument("--peer-kill-docs", type=int,
+                   help="backlog of the peer kill test (default 300,000; --quick 100,000: "
+                        "rsyslog must still be reading after its first commit, 5 s in)")
+    p.add_argument("--peer-kill-only", action="store_true",
+                   help="with --peer-only: only the kill test; its keys replace the kill "
+                        "figures of the last peer run in bench/results.json")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
 
@@ -86,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return security_only(args, workdir, producer_msgs, consumer_docs, command, started_at,
                              began, load_before)
     peer_docs = args.peer_docs or (50_000 if quick else 100_000)
+    args.peer_kill_docs = args.peer_kill_docs or (100_000 if quick else 300_000)
     if args.peer_only:
         return peer_only(args, workdir, peer_docs, command, started_at, began, load_before)
     with core.servers(brokers=1) as (kafka, es):
@@ -190,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if "peer" not in args.skip:
             results["peer"] = dataclasses.asdict(peer.run(
                 pipe, cfg, workdir, backlog=peer_docs, rounds=args.peer_rounds,
-                batch_size=args.batch_size))
+                batch_size=args.batch_size, kill_backlog=args.peer_kill_docs))
 
     results["meta"] = {
         "date": started_at, "command": command, "seconds": round(time.monotonic() - began, 1),
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if "security" in results:
             write_security(results["security"], results["meta"])
         if "peer" in results:
-            results["peer"]["meta"] = results["meta"]
+            results["peer"]["meta"] = results["peer"]["kill_meta"] = results["meta"]
             peer.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", results["peer"])
         log("wrote bench/results.json and docs/BENCHMARKS.md")
     return 0
@@ -274,19 +281,30 @@ def peer_only(args: argparse.Namespace, workdir: Path, peer_docs: int, command: 
         measure.bulk_ceiling(es.http_port, measure.build_bodies(
             measure.read_messages(kafka.bootstrap_servers, warm_topic), warm, args.batch_size,
             1), None)
-        figures = dataclasses.asdict(peer.run(pipe, cfg, workdir, backlog=peer_docs,
-                                              rounds=args.peer_rounds,
-                                              batch_size=args.batch_size))
-    figures["meta"] = {"date": started_at, "command": command,
-                       "seconds": round(time.monotonic() - began, 1),
-                       "loadavg_before": load_before, "loadavg_after": measure.loadavg(),
-                       "quick": args.quick}
+        if args.peer_kill_only:
+            kills = [dataclasses.asdict(k) for k in peer.kill_test(
+                pipe, cfg, workdir, backlog=args.peer_kill_docs, batch_size=args.batch_size)]
+        else:
+            figures = dataclasses.asdict(peer.run(
+                pipe, cfg, workdir, backlog=peer_docs, rounds=args.peer_rounds,
+                batch_size=args.batch_size, kill_backlog=args.peer_kill_docs))
+    meta = {"date": started_at, "command": command, "seconds": round(time.monotonic() - began, 1),
+            "loadavg_before": load_before, "loadavg_after": measure.loadavg(),
+            "quick": args.quick}
+    path = core.REPO / "bench" / "results.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if args.peer_kill_only:
+        # The speed figures stay those of the last peer run; the kill test is replaced.
+        figures = saved.get("details", {}).get("peer")
+        if not figures:
+            raise SystemExit("--peer-kill-only: no peer run in bench/results.json to add to")
+        figures["kills"], figures["kill_meta"] = kills, meta
+    else:
+        figures["meta"] = figures["kill_meta"] = meta
     print_peer(figures)
     if not args.no_write:
         # The peer's keys and details join the last full run's results.json (the other keys
         # stay as that run left them).
-        path = core.REPO / "bench" / "results.json"
-        saved = json.loads(path.read_text()) if path.exists() else {}
         saved.update(peer.flat(figures))
         saved.setdefault("details", {})["peer"] = figures
         path.write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")

@@ -91,7 +91,8 @@ class PeerFigures:
     rounds: int
     rsyslog_version: str
     kills: list[KillRun] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # the speed rounds' run
+    kill_meta: dict[str, Any] = field(default_factory=dict)  # the kill test's run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,15 +334,21 @@ def kill_run(sink: str, pipe: BenchPipeline, cfg: Any, rundir: Path, *, topic: s
 # the comparison
 
 
-def run(pipe: BenchPipeline, cfg: Any, workdir: Path, *, backlog: int, rounds: int,
-        batch_size: int, kill: bool = True) -> PeerFigures:
-    rundir = workdir / "peer"
+def _backlog(cfg: Any, docs: int, seed: int) -> str:
     topic = new_name("bench-peer-backlog")
     measure.ensure_topic(cfg, topic)
-    result = produce(cfg.replace("kafka", topic=topic, dlq_topic=f"{topic}.dlq"),
-                             backlog, seed=11)
+    result = produce(cfg.replace("kafka", topic=topic, dlq_topic=f"{topic}.dlq"), docs,
+                     seed=seed)
     if not result.ok:
         raise RuntimeError(f"producer lost messages: {result}")
+    return topic
+
+
+def run(pipe: BenchPipeline, cfg: Any, workdir: Path, *, backlog: int, rounds: int,
+        batch_size: int, kill_backlog: int = 0) -> PeerFigures:
+    """``rounds`` alternating speed rounds, then (``kill_backlog`` > 0) the kill test."""
+    rundir = workdir / "peer"
+    topic = _backlog(cfg, backlog, seed=11)
     # Warm-up, untimed: one run of each (Elasticsearch's JIT and first index creations,
     # rsyslog's and Python's first start), then the timed rounds.
     log(f"peer: backlog {backlog:,} documents; warm-up runs")
@@ -371,15 +378,26 @@ def run(pipe: BenchPipeline, cfg: Any, workdir: Path, *, backlog: int, rounds: i
                                              if r.sink == "logpipe"),
         consumer_vs_rsyslog=statistics.fmean(ratios), ratios=ratios, runs=runs, backlog=backlog,
         rounds=rounds, rsyslog_version=rsyslog_version())
-    if kill:
-        keys = truth_keys(pipe, topic, rundir)
-        for sink in ("rsyslog", "logpipe"):
-            kr = kill_run(sink, pipe, cfg, rundir, topic=topic, keys=keys,
-                          batch_size=batch_size)
-            log(f"peer kill: {sink} {kr.documents:,} documents of {kr.expected:,}: "
-                f"lost {kr.lost:,}, duplicated {kr.duplicated:,} ({kr.seconds:.0f} s)")
-            figures.kills.append(kr)
+    if kill_backlog > 0:
+        figures.kills = kill_test(pipe, cfg, workdir, backlog=kill_backlog,
+                                  batch_size=batch_size)
     return figures
+
+
+def kill_test(pipe: BenchPipeline, cfg: Any, workdir: Path, *, backlog: int,
+              batch_size: int) -> list[KillRun]:
+    """One kill -9 run of each sink on its own backlog: one large enough that rsyslog is
+    still reading when its first automatic commit (5 s after it joined) has happened."""
+    rundir = workdir / "peer"
+    topic = _backlog(cfg, backlog, seed=13)
+    keys = truth_keys(pipe, topic, rundir)
+    kills = []
+    for sink in ("rsyslog", "logpipe"):
+        kr = kill_run(sink, pipe, cfg, rundir, topic=topic, keys=keys, batch_size=batch_size)
+        log(f"peer kill: {sink} {kr.documents:,} documents of {kr.expected:,}: "
+            f"lost {kr.lost:,}, duplicated {kr.duplicated:,} ({kr.seconds:.0f} s)")
+        kills.append(kr)
+    return kills
 
 
 def truth_keys(pipe: BenchPipeline, topic: str, rundir: Path) -> list[str]:
@@ -427,7 +445,8 @@ def rows(f: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("peak RSS rsyslog / logpipe", f"{hwm['rsyslog']:.0f} / {hwm['logpipe']:.0f} MiB", ""),
     ]
     for k in f.get("kills", []):
-        out.append((f"{k['sink']}: one kill -9 mid-stream + restart",
+        out.append((f"{k['sink']}: one kill -9 mid-stream + restart "
+                    f"({k['expected']:,} docs backlog)",
                     f"lost {k['lost']:,}, duplicated {k['duplicated']:,}",
                     f"{k['documents']:,} of {k['expected']:,} documents in Elasticsearch "
                     f"(killed at {k['killed_at_docs']:,} indexed"
@@ -444,7 +463,13 @@ def markdown(f: dict[str, Any]) -> str:
              f"{meta.get('seconds', 0):.0f} s in total; load average "
              f"{meta.get('loadavg_before')} before, {meta.get('loadavg_after')} after "
              "(2 cores shared with other work: the ratio, measured in alternating runs, is the "
-             "figure to read, not the absolute rates).", "",
+             "figure to read, not the absolute rates).", ""]
+    km = f.get("kill_meta") or {}
+    if km and km.get("date") != meta.get("date"):
+        lines += [f"Kill test: **{km.get('date')}**, `{km.get('command')}`, "
+                  f"{km.get('seconds', 0):.0f} s; load average {km.get('loadavg_before')} "
+                  f"before, {km.get('loadavg_after')} after.", ""]
+    lines += [
              "| figure | value | detail |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(f)]
     lines += ["", END]
