@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": load_before, "loadavg_after": measure.loadavg(),
         "machine": report.machine(), "versions": versions, "python": platform.python_version(),
         "quick": quick, "workdir": str(workdir)}
+    if "peer" in results:
+        results["peer"]["meta"] = results["peer"]["kill_meta"] = results["meta"]
     flat = report.flatten(results)
     print(report.table(flat, results))
     if "security" in results:
@@ -218,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         if "security" in results:
             write_security(results["security"], results["meta"])
         if "peer" in results:
-            results["peer"]["meta"] = results["peer"]["kill_meta"] = results["meta"]
             peer.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", results["peer"])
         log("wrote bench/results.json and docs/BENCHMARKS.md")
     return 0

@@ -152,6 +152,16 @@ def start_rsyslog(conf: Path) -> Spawned:
 # Elasticsearch's side
 
 
+def steady_rate(samples: list[tuple[float, int]], docs: int) -> float:
+    """Documents per second from the first (time, count) sample with any document to the first
+    with ``docs``: start-up and the group join are not in it, nor the first batch."""
+    first = next(((t, n) for t, n in samples if n > 0), None)
+    last = next(((t, n) for t, n in samples if n >= docs), None)
+    if first is None or last is None or last[0] <= first[0]:
+        return float("nan")
+    return (last[1] - first[1]) / (last[0] - first[0])
+
+
 class IndexingCounter:
     """Samples ``index_total`` of ``<prefix>-*`` every ``interval`` s in a thread."""
 
@@ -203,12 +213,7 @@ class IndexingCounter:
         return bool(earlier) and earlier[-1] == last
 
     def steady_rate(self, docs: int) -> float:
-        """Documents per second from the first sample with any to the first with ``docs``."""
-        first = next(((t, n) for t, n in self.samples if n > 0), None)
-        last = next(((t, n) for t, n in self.samples if n >= docs), None)
-        if first is None or last is None or last[0] <= first[0]:
-            return float("nan")
-        return (last[1] - first[1]) / (last[0] - first[0])
+        return steady_rate(self.samples, docs)
 
     def stop(self) -> None:
         self._stop.set()
