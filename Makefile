@@ -89,7 +89,7 @@ lab-shell:
 lab-down:
 	scripts/lab.sh down
 
-bench: venv fetch
+bench: host-packages venv fetch
 	$(PY) -m bench
 
 chaos: venv fetch

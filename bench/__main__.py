@@ -5,6 +5,8 @@
     python -m bench --profile       # also py-spy profiles of the consumer and the producer
     python -m bench --no-write      # print only; keep docs/BENCHMARKS.md and results.json
     python -m bench --security-only # only the TLS+SCRAM vs plaintext ratios (own block/file)
+    python -m bench --peer-only     # only rsyslog vs logpipe consume, speed and kill -9 (own
+                                    # block of docs/BENCHMARKS.md; its keys in results.json)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import core, measure, report, security
+from bench import core, measure, peer, report, security
 from bench.core import BenchPipeline, log, new_name
 from logpipe.config import ConsumerConfig
 from logpipe.producer import produce
@@ -46,12 +48,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(batch size, bulk concurrency, consumers, refresh interval, "
                         "streaming_bulk); writes bench/sweep.json")
     p.add_argument("--skip", action="append", default=[],
-                   choices=["producer", "consumer", "seed", "latency", "security"])
+                   choices=["producer", "consumer", "seed", "latency", "security", "peer"])
     p.add_argument("--security-only", action="store_true",
                    help="only the producer/consumer cost of TLS+SCRAM+HTTPS against plaintext "
                         "(writes bench/security.json and its own block of docs/BENCHMARKS.md)")
     p.add_argument("--security-rounds", type=int, default=2,
                    help="alternating plaintext/secure rounds of the security comparison")
+    p.add_argument("--peer-only", action="store_true",
+                   help="only the peer comparison: rsyslog (imkafka -> omelasticsearch, "
+                        "bench/rsyslog.conf.template) against logpipe consume, docs/s and one "
+                        "kill -9 of each (its keys merged into bench/results.json)")
+    p.add_argument("--peer-docs", type=int,
+                   help="backlog of the peer comparison (default 100,000; --quick 50,000: "
+                        "smaller ends before rsyslog's first commit, no mid-stream kill)")
+    p.add_argument("--peer-rounds", type=int, default=3,
+                   help="alternating rsyslog/logpipe rounds of the peer comparison")
+    p.add_argument("--peer-kill-docs", type=int,
+                   help="backlog of the peer kill test (default 300,000; --quick 100,000: "
+                        "rsyslog must still be reading after its first commit, 5 s in)")
+    p.add_argument("--peer-kill-only", action="store_true",
+                   help="with --peer-only: only the kill test; its keys replace the kill "
+                        "figures of the last peer run in bench/results.json")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
 
@@ -74,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.security_only:
         return security_only(args, workdir, producer_msgs, consumer_docs, command, started_at,
                              began, load_before)
+    peer_docs = args.peer_docs or (50_000 if quick else 100_000)
+    args.peer_kill_docs = args.peer_kill_docs or (100_000 if quick else 300_000)
+    if args.peer_only:
+        return peer_only(args, workdir, peer_docs, command, started_at, began, load_before)
     with core.servers(brokers=1) as (kafka, es):
         log(f"servers up: kafka {kafka.bootstrap_servers}, es {es.url}")
         pipe = BenchPipeline(kafka, es, workdir, "bench", partitions=6)
@@ -172,15 +193,25 @@ def main(argv: list[str] | None = None) -> int:
             results["security"] = dataclasses.asdict(
                 security_part(pipe, workdir, args, producer_msgs, consumer_docs))
 
+        # -- a peer: rsyslog -------------------------------------------------------------------
+        if "peer" not in args.skip:
+            results["peer"] = dataclasses.asdict(peer.run(
+                pipe, cfg, workdir, backlog=peer_docs, rounds=args.peer_rounds,
+                batch_size=args.batch_size, kill_backlog=args.peer_kill_docs))
+
     results["meta"] = {
         "date": started_at, "command": command, "seconds": round(time.monotonic() - began, 1),
         "loadavg_before": load_before, "loadavg_after": measure.loadavg(),
         "machine": report.machine(), "versions": versions, "python": platform.python_version(),
         "quick": quick, "workdir": str(workdir)}
+    if "peer" in results:
+        results["peer"]["meta"] = results["peer"]["kill_meta"] = results["meta"]
     flat = report.flatten(results)
     print(report.table(flat, results))
     if "security" in results:
         print_security(results["security"])
+    if "peer" in results:
+        print_peer(results["peer"])
     if not args.no_write:
         (core.REPO / "bench" / "results.json").write_text(
             json.dumps({**flat, "details": results}, indent=2, sort_keys=True, default=str)
@@ -188,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         report.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", flat, results)
         if "security" in results:
             write_security(results["security"], results["meta"])
+        if "peer" in results:
+            peer.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", results["peer"])
         log("wrote bench/results.json and docs/BENCHMARKS.md")
     return 0
 
@@ -230,6 +263,61 @@ def security_only(args: argparse.Namespace, workdir: Path, producer_msgs: int,
         write_security(figures, meta)
         log("wrote bench/security.json and the security block of docs/BENCHMARKS.md")
     return 0
+
+
+def peer_only(args: argparse.Namespace, workdir: Path, peer_docs: int, command: str,
+              started_at: str, began: float, load_before: str) -> int:
+    with core.servers(brokers=1) as (kafka, es):
+        log(f"servers up: kafka {kafka.bootstrap_servers}, es {es.url}")
+        pipe = BenchPipeline(kafka, es, workdir / "plain", "bench", partitions=6)
+        pipe.write_config(**_pipe_settings(args))
+        cfg = pipe.config()
+        # Warm Elasticsearch up before anything is timed, as the full run does.
+        warm = new_name("bench-warm")
+        measure.ensure_index_template(cfg, warm)
+        warm_topic = new_name("bench-warm")
+        measure.ensure_topic(cfg, warm_topic)
+        produce(cfg.replace("kafka", topic=warm_topic, dlq_topic=f"{warm_topic}.dlq"), 20_000,
+                seed=5)
+        measure.bulk_ceiling(es.http_port, measure.build_bodies(
+            measure.read_messages(kafka.bootstrap_servers, warm_topic), warm, args.batch_size,
+            1), None)
+        if args.peer_kill_only:
+            kills = [dataclasses.asdict(k) for k in peer.kill_test(
+                pipe, cfg, workdir, backlog=args.peer_kill_docs, batch_size=args.batch_size)]
+        else:
+            figures = dataclasses.asdict(peer.run(
+                pipe, cfg, workdir, backlog=peer_docs, rounds=args.peer_rounds,
+                batch_size=args.batch_size, kill_backlog=args.peer_kill_docs))
+    meta = {"date": started_at, "command": command, "seconds": round(time.monotonic() - began, 1),
+            "loadavg_before": load_before, "loadavg_after": measure.loadavg(),
+            "quick": args.quick}
+    path = core.REPO / "bench" / "results.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if args.peer_kill_only:
+        # The speed figures stay those of the last peer run; the kill test is replaced.
+        figures = saved.get("details", {}).get("peer")
+        if not figures:
+            raise SystemExit("--peer-kill-only: no peer run in bench/results.json to add to")
+        figures["kills"], figures["kill_meta"] = kills, meta
+    else:
+        figures["meta"] = figures["kill_meta"] = meta
+    print_peer(figures)
+    if not args.no_write:
+        # The peer's keys and details join the last full run's results.json (the other keys
+        # stay as that run left them).
+        saved.update(peer.flat(figures))
+        saved.setdefault("details", {})["peer"] = figures
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
+        peer.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", figures)
+        log("wrote the peer keys of bench/results.json and the peer block of "
+            "docs/BENCHMARKS.md")
+    return 0
+
+
+def print_peer(figures: dict[str, Any]) -> None:
+    for figure, value, detail in peer.rows(figures):
+        print(f"{figure:<44} {value:<30} {detail}")
 
 
 def print_security(figures: dict[str, Any]) -> None:

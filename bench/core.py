@@ -32,7 +32,7 @@ from harness.servers import (  # noqa: E402
 from harness.servers import start_servers as servers  # noqa: E402
 
 __all__ = ["ADMIN_USER", "PRODUCER_USER", "BenchPipeline", "ElasticsearchNode", "KafkaCluster",
-           "Spawned", "parse_events", "servers", "vm_status_kib"]
+           "Pipeline", "Spawned", "parse_events", "servers", "vm_status_kib"]
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -113,6 +113,10 @@ def flatten(res: dict[str, Any]) -> dict[str, Any]:
         flat["e2e_rate_logs_per_s"] = lat["rate"]
         flat["e2e_indexed_at_p50_s"] = _r(lat["indexed_p50_s"])
         flat["e2e_indexed_at_p99_s"] = _r(lat["indexed_p99_s"])
+    if res.get("peer"):
+        from bench import peer
+
+        flat.update(peer.flat(res["peer"]))
     if s:
         flat["seed_design_docs_per_s"] = _r(s["docs_per_s"], 1)
         flat["seed_design_run_s"] = _r(s["run_s"], 2)
