@@ -164,9 +164,15 @@ def alerted_path(state_file: Path) -> Path:
 
 def log_alert(alert: Alert) -> None:
     """The alert as one key=value line at its level: under systemd, log.py prefixes it with the
-    syslog priority (``<4>``...), which journald files it under (``journalctl -p warning``)."""
-    log.event("alert", alert.level, unit=alert.unit, state=alert.state,
-              previous_state=alert.previous_state or "-", text=alert.text)
+    syslog priority (``<4>``...), which journald files it under (``journalctl -p warning``).
+
+    Written whatever ``logging.level`` says (a site at WARNING would otherwise lose the notice
+    of a recovery): handing the record to the handlers skips only the level check."""
+    logger = logging.getLogger("logpipe")
+    fields = {"unit": alert.unit, "state": alert.state,
+              "previous_state": alert.previous_state or "-", "text": alert.text}
+    logger.handle(logger.makeRecord(logger.name, alert.level, __file__, 0, "alert", (), None,
+                                    extra={"fields": fields}))
 
 
 def command_argv(command: list[str], alert: Alert) -> list[str]:

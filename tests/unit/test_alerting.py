@@ -246,6 +246,19 @@ def test_recovery_is_a_notice(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     assert "RECOVERED WARNING -> OK after 1m30s: LOGPIPE OK - lag=0 " in written
 
 
+@pytest.mark.parametrize("level", ["WARNING", "ERROR"])
+def test_alert_lines_ignore_the_log_level(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          level: str) -> None:
+    log.setup(level)  # logging.level in logpipe.toml
+    state_file = tmp_path / "check.state"
+    checkstate.record(state_file, ops.WARNING, WARN, T0)
+    alert.run("u", state_file, AlertConfig(), CHANGED_ENV)
+    checkstate.record(state_file, ops.OK, OK, T0 + timedelta(minutes=1))
+    alert.run("u", state_file, AlertConfig(), CHANGED_ENV)
+    lines = [line for line in capsys.readouterr().err.splitlines() if " event=alert " in line]
+    assert [line.split()[1] for line in lines] == ["level=warning", "level=notice"]
+
+
 def test_failed_unit_is_alerted_every_time_and_never_recorded(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     state_file = tmp_path / "check.state"
