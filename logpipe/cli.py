@@ -3,7 +3,8 @@
 Flags override the config file through ``Config.replace`` (validated like the file). Exit codes:
 0 success, 1 runtime failure, 2 bad usage or bad configuration, 4 refused by a server (wrong
 credentials, an unverifiable certificate, a missing ACL or privilege: see ``logpipe.refusal``).
-``check`` uses Nagios codes (a refusal is CRITICAL).
+``check`` uses Nagios codes (a refusal is CRITICAL); ``check --state-file`` instead says whether
+the state changed (``logpipe.checkstate``), for logpipe-check.service and its alert unit.
 Heavy modules are imported inside each command so ``--help`` and ``config show`` stay fast and
 work even on a host where a client library is broken.
 """
@@ -111,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "for S seconds; 0 = off)")
     p.add_argument("--stall-critical", type=float, metavar="S", dest="stall_critical_s",
                    help="override check.stall_critical_s")
+    p.add_argument("--state-file", metavar="PATH",
+                   help="record the result in PATH and exit 8 when the state (OK, WARNING, "
+                        "CRITICAL, UNKNOWN) differs from the one recorded there, else 0 "
+                        "(logpipe-check.service; its OnFailure= alert unit reads PATH). A config "
+                        "error is recorded as CRITICAL.")
+
+    p = command("alert", "Alert on a failed logpipe unit (logpipe-alert@.service): a check state "
+                         "change recorded in --state-file, or the unit's failure. One journald "
+                         "line at the state's priority, and alert.command if set.")
+    p.add_argument("unit", help="the unit that failed (the alert unit's instance, %%i)")
+    p.add_argument("--state-file", metavar="PATH", required=True,
+                   help="the check's state file (logpipe check --state-file)")
 
     p = command("config", "Configuration tools.")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -290,7 +303,36 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
 
     code, line = ops.check_command(cfg)
     print(line)
+    if args.state_file:
+        from logpipe import checkstate
+
+        return checkstate.record(Path(args.state_file), code, line)
     return code
+
+
+def cmd_alert(cfg: Config, args: argparse.Namespace) -> int:
+    from logpipe import alert
+
+    return alert.run(args.unit, Path(args.state_file), cfg.alert)
+
+
+def _check_config_error(exc: ConfigError, args: argparse.Namespace) -> int:
+    # Under the timer a broken config is a state like any other: CRITICAL, alerted once.
+    if not getattr(args, "state_file", None):
+        return 2
+    from logpipe import checkstate, ops
+
+    line = f"LOGPIPE CRITICAL - config error: {exc}"
+    print(line)
+    return checkstate.record(Path(args.state_file), ops.CRITICAL, line)
+
+
+def _alert_config_error(exc: ConfigError, args: argparse.Namespace) -> int:
+    # The alert must still be heard without a readable config: its journald line, no command.
+    from logpipe import alert
+
+    alert.run(args.unit, Path(args.state_file), Config().alert)
+    return 2
 
 
 def cmd_config(cfg: Config, args: argparse.Namespace) -> int:
@@ -314,8 +356,11 @@ def _complain(message: str) -> None:
 
 COMMANDS = {
     "produce": cmd_produce, "bootstrap": cmd_bootstrap, "prune": cmd_prune,
-    "consume": cmd_consume, "status": cmd_status, "check": cmd_check, "config": cmd_config,
+    "consume": cmd_consume, "status": cmd_status, "check": cmd_check, "alert": cmd_alert,
+    "config": cmd_config,
 }
+# Commands that still have something to do when the config cannot be read.
+ON_CONFIG_ERROR = {"check": _check_config_error, "alert": _alert_config_error}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -328,7 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = cfg.replace("logging", level=level)
     except ConfigError as exc:
         _complain(f"config error: {exc}")
-        return 2
+        fallback = ON_CONFIG_ERROR.get(args.command)
+        if fallback is None:
+            return 2
+        log.setup()
+        return fallback(exc, args)
     log.setup(cfg.logging.level)
     try:
         return COMMANDS[args.command](cfg, args)

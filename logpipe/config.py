@@ -55,7 +55,8 @@ class ElasticsearchConfig:
     shards: int = 2
     replicas: int = 1
     refresh_interval: str = "1s"
-    # Daily indices older than this are deleted by `logpipe bootstrap --prune` (0 keeps everything).
+    # Daily indices older than this are deleted by `logpipe prune` (logpipe-prune.timer) and
+    # `logpipe bootstrap --prune`; 0 keeps every index forever.
     retention_days: int = 30
     username: str = ""
     password_file: str = ""
@@ -133,6 +134,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AlertConfig:
+    # What `logpipe alert` runs on a check state change (logpipe-alert@.service), as an argument
+    # list (no shell). Empty: the alert is only its journald line. The alert text comes on stdin
+    # and in ALERT_* variables; {text}, {state}, ... in an argument are replaced (logpipe/alert.py).
+    command: list[str] = field(default_factory=list)
+    # The command is killed after this long (a hung webhook must not hold the alert unit).
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
 
@@ -145,6 +156,7 @@ class Config:
     consumer: ConsumerConfig = field(default_factory=ConsumerConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    alert: AlertConfig = field(default_factory=AlertConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def replace(self, section: str, **values: Any) -> Config:
@@ -172,7 +184,7 @@ _POSITIVE = {
     ("consumer", "bulk_concurrency"), ("consumer", "poll_timeout_s"),
     ("consumer", "max_message_bytes"), ("consumer", "max_bulk_bytes"),
     ("producer", "flush_timeout_s"),
-    ("elasticsearch", "request_timeout_s"),
+    ("elasticsearch", "request_timeout_s"), ("alert", "timeout_s"),
 }
 _NON_NEGATIVE = {
     ("elasticsearch", "replicas"), ("elasticsearch", "retention_days"), ("producer", "count"),

@@ -17,9 +17,15 @@ from typing import Any, TextIO
 
 _LOGGER = logging.getLogger("logpipe")
 
+# syslog's notice (5), which Python lacks: normal but significant, such as an alert's recovery
+# (logpipe/alert.py), so `journalctl -p notice` shows it without the info lines.
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
+
 # Python level -> sd-daemon priority (the syslog numbers). Highest threshold first; anything
-# below INFO is debug. logpipe has no NOTICE (5).
-_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+# below INFO is debug.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (NOTICE, 5),
+               (logging.INFO, 6))
 _DEBUG_PRIORITY = 7
 
 

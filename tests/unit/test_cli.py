@@ -14,7 +14,7 @@ import pytest
 from logpipe import admin, cli, log, ops, producer
 from logpipe.config import SECRET_MASK, CheckConfig, Config, ElasticsearchConfig
 
-SUBCOMMANDS = [["produce"], ["bootstrap"], ["prune"], ["consume"], ["status"], ["check"],
+SUBCOMMANDS = [["produce"], ["bootstrap"], ["prune"], ["consume"], ["status"], ["check"], ["alert"],
                ["config"], ["config", "show"]]
 
 

@@ -25,8 +25,9 @@ def _record(level: int, name: str = "logpipe", msg: str = "batch_committed",
 
 
 @pytest.mark.parametrize(("level", "prio"), [
-    (logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6),
-    (logging.DEBUG, 7), (logging.ERROR + 5, 3), (logging.INFO + 5, 6), (logging.NOTSET, 7),
+    (logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (log.NOTICE, 5),
+    (logging.INFO, 6), (logging.DEBUG, 7), (logging.ERROR + 5, 3), (logging.INFO + 3, 6),
+    (logging.NOTSET, 7),
 ])
 def test_priority_follows_the_sd_daemon_numbers(level: int, prio: int) -> None:
     assert log.priority(level) == prio
@@ -34,7 +35,7 @@ def test_priority_follows_the_sd_daemon_numbers(level: int, prio: int) -> None:
 
 @pytest.mark.parametrize(("level", "prefix"), [
     (logging.CRITICAL, "<2>"), (logging.ERROR, "<3>"), (logging.WARNING, "<4>"),
-    (logging.INFO, "<6>"), (logging.DEBUG, "<7>"),
+    (log.NOTICE, "<5>"), (logging.INFO, "<6>"), (logging.DEBUG, "<7>"),
 ])
 def test_journal_lines_start_with_their_priority(level: int, prefix: str) -> None:
     record = _record(level, docs=3)
