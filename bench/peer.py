@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from bench import measure
+from bench import measure, report
 from bench.core import (
     REPO,
     BenchPipeline,
@@ -487,11 +487,4 @@ def markdown(f: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, figures: dict[str, Any]) -> None:
-    block = markdown(figures)
-    text = path.read_text()
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        path.write_text(head + block + tail)
-    else:
-        path.write_text(text.rstrip("\n") + "\n\n## Peer: rsyslog\n\n" + block + "\n")
+    report.replace_block(path, markdown(figures), BEGIN, END, "Peer: rsyslog")

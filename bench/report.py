@@ -245,3 +245,15 @@ def write_markdown(path: Path, flat: dict[str, Any], res: dict[str, Any]) -> Non
             path.write_text(head + block + tail)
             return
     path.write_text("# Benchmarks\n\n" + block + "\n")
+
+
+def replace_block(path: Path, block: str, begin: str, end: str, heading: str) -> None:
+    """Put a generated ``block`` (which starts with ``begin`` and ends with ``end``) into the
+    document at ``path``: in place of the previous one, else as a new ``## heading`` at the end."""
+    text = path.read_text()
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        path.write_text(head + block + tail)
+    else:
+        path.write_text(text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import measure
+from bench import measure, report
 from bench.core import ADMIN_USER, PRODUCER_USER, BenchPipeline, log, new_name
 from logpipe.config import Config
 from logpipe.producer import produce
@@ -167,11 +167,4 @@ def markdown(f: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, figures: dict[str, Any]) -> None:
-    block = markdown(figures)
-    text = path.read_text()
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        path.write_text(head + block + tail)
-    else:
-        path.write_text(text.rstrip("\n") + "\n\n## Security cost\n\n" + block + "\n")
+    report.replace_block(path, markdown(figures), BEGIN, END, "Security cost")

@@ -432,6 +432,24 @@ class Pipeline:
             missing=sorted(want - set(have)), unexpected=sorted(set(have) - want),
             duplicates={k: n for k, n in have.items() if n > 1})
 
+    def wait_caught_up(self, expected: int, consumer: Spawned | None = None,
+                       timeout: float = 180.0) -> None:
+        """Wait until ``expected`` documents are indexed and the group committed every end
+        offset; fails at once, with its log, if ``consumer`` exits meanwhile."""
+        deadline = time.monotonic() + timeout
+        n, committed, ends = -1, {}, {}
+        while time.monotonic() < deadline:
+            n = self.doc_count()
+            committed, ends = self.committed(), self.end_offsets()
+            if n >= expected and committed == ends:
+                return
+            assert consumer is None or consumer.proc.poll() is None, \
+                f"consumer exited:\n{consumer.log()[-4000:]}"
+            time.sleep(1.0)
+        tail = consumer.log()[-4000:] if consumer is not None else ""
+        raise AssertionError(f"not caught up after {timeout:.0f}s: {n} of {expected} documents, "
+                             f"committed {committed}, end {ends}\n{tail}")
+
     def wait_doc_count(self, expected: int, timeout: float = 120.0) -> int:
         deadline = time.monotonic() + timeout
         n = -1

@@ -37,21 +37,6 @@ def _service(pipeline: Pipeline, name: str, batch_size: int = 200) -> Spawned:
     return pipeline.spawn("consume", "--batch-size", str(batch_size), log_name=name)
 
 
-def _wait_caught_up(pipeline: Pipeline, expected: int, consumer: Spawned,
-                    timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    n, committed, ends = -1, {}, {}
-    while time.monotonic() < deadline:
-        n = pipeline.doc_count()
-        committed, ends = pipeline.committed(), pipeline.end_offsets()
-        if n >= expected and committed == ends:
-            return
-        assert consumer.proc.poll() is None, f"consumer exited:\n{consumer.log()[-4000:]}"
-        time.sleep(1.0)
-    raise AssertionError(f"not caught up after {timeout:.0f}s: {n} of {expected} documents, "
-                         f"committed {committed}, end {ends}\n{consumer.log()[-4000:]}")
-
-
 def _set_topic_config(pipeline: Pipeline, topic: str, **values: str) -> None:
     entries = [ConfigEntry(name.replace("_", "."), value,
                            incremental_operation=AlterConfigOpType.SET)
@@ -87,7 +72,7 @@ def test_fenced_static_member_exits_1_with_one_line_and_nothing_is_lost(
     try:
         first.wait_for_event("batch_committed", timeout=90)
         if phase == "idle":
-            _wait_caught_up(pipeline, 1000, first)
+            pipeline.wait_caught_up(1000, first)
         # The same service started again elsewhere: same config, same group.instance.id.
         second = _service(pipeline, "second")
         second_started = time.monotonic()
@@ -101,7 +86,7 @@ def test_fenced_static_member_exits_1_with_one_line_and_nothing_is_lost(
 
         pipeline.produce(1000)
         total = 5000 if phase == "mid_stream" else 2000
-        _wait_caught_up(pipeline, total, second)
+        pipeline.wait_caught_up(total, second)
         assert second.terminate_and_wait(40) == 0, f"second consumer:\n{second.log()[-3000:]}"
     finally:
         first.kill()

@@ -28,23 +28,6 @@ def _service(pipeline: Pipeline, batch_size: int, name: str = "consumer") -> Spa
     return pipeline.spawn("consume", "--batch-size", str(batch_size), log_name=name)
 
 
-def _wait_caught_up(pipeline: Pipeline, expected: int, timeout: float,
-                    consumer: Spawned | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    n, committed, ends = -1, {}, {}
-    while time.monotonic() < deadline:
-        n = pipeline.doc_count()
-        committed, ends = pipeline.committed(), pipeline.end_offsets()
-        if n >= expected and committed == ends:
-            return
-        if consumer is not None and consumer.proc.poll() is not None:
-            break
-        time.sleep(1.0)
-    tail = consumer.log()[-4000:] if consumer is not None else ""
-    raise AssertionError(f"not caught up after {timeout:.0f}s: {n} of {expected} documents, "
-                         f"committed {committed}, end {ends}\n{tail}")
-
-
 def _sum_field(events: list[dict[str, str]], key: str) -> int:
     return sum(int(e.get(key, "0") or 0) for e in events)
 
@@ -57,7 +40,7 @@ def test_elasticsearch_outage_waits_then_catches_up(pipeline: Pipeline,
     consumer = _service(pipeline, 200)
     try:
         consumer.wait_for_event("batch_committed", timeout=90)
-        _wait_caught_up(pipeline, 1000, timeout=90, consumer=consumer)
+        pipeline.wait_caught_up(1000, consumer, timeout=90)
 
         elasticsearch.stop()
         outage_began = time.monotonic()
@@ -85,7 +68,7 @@ def test_elasticsearch_outage_waits_then_catches_up(pipeline: Pipeline,
         assert not unindexed_below, (f"{len(unindexed_below)} offsets committed during the outage "
                                      f"are not in Elasticsearch: {unindexed_below[:5]}")
 
-        _wait_caught_up(pipeline, 3000, timeout=180, consumer=consumer)
+        pipeline.wait_caught_up(3000, consumer)
         code = consumer.terminate_and_wait(60)
     finally:
         consumer.kill()
@@ -181,7 +164,7 @@ def test_second_consumer_joins_and_leaves_without_loss(pipeline: Pipeline) -> No
             second.wait_for_event("batch_committed", timeout=20)
         pipeline.produce(2000)
         assert second.terminate_and_wait(40) == 0, f"second consumer:\n{second.log()[-3000:]}"
-        _wait_caught_up(pipeline, 8000, timeout=180, consumer=first)
+        pipeline.wait_caught_up(8000, first)
         assert first.terminate_and_wait(40) == 0, f"first consumer:\n{first.log()[-3000:]}"
     finally:
         first.kill()
