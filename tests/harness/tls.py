@@ -9,8 +9,11 @@ directory: they live as long as the servers and protect nothing but a loopback t
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 import ipaddress
 import os
+import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +128,21 @@ class TestCA:
                                                    serialization.NoEncryption()))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return Issued(name, key_path, cert_path, key, cert)
+
+
+class HttpsServer:
+    """A threaded HTTPS server on a free loopback port serving ``handler`` (the stubs of HTTP
+    APIs the role tests run tasks against); ``close()`` stops it."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler], cert_path: Path,
+                 key_path: Path) -> None:
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert_path, key_path)
+        self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

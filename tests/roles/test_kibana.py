@@ -15,16 +15,15 @@ import ipaddress
 import json
 import os
 import re
-import ssl
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from harness.playbook import ANSIBLE_PLAYBOOK, ansible_env
+from harness.tls import HttpsServer
 
 TOP = Path(__file__).resolve().parents[2]
 ROLE = TOP / "roles" / "kibana"
@@ -584,17 +583,11 @@ class _FakeKibana:
                 fake.views.append(view)
                 self._reply(200, {"data_view": view})
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(certs / "server.crt", certs / "server.key")
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self._https = HttpsServer(Handler, certs / "server.crt", certs / "server.key")
+        self.port = self._https.port
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._https.close()
 
 
 def test_status_and_data_views_use_https_with_the_ca_and_basic_auth(tmp_path: Path) -> None:

@@ -35,10 +35,8 @@ import http.server
 import json
 import re
 import shutil
-import ssl
 import subprocess
 import sys
-import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +45,7 @@ from typing import Any
 import pytest
 import yaml
 from harness.playbook import ANSIBLE_PLAYBOOK, ansible_env
-from harness.tls import Issued, TestCA
+from harness.tls import HttpsServer, Issued, TestCA
 
 from logpipe.admin import MAPPINGS
 
@@ -358,17 +356,11 @@ class KibanaContract:
             def do_DELETE(self) -> None:
                 stub._handle(self)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(cert.cert_path, cert.key_path)
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self._https = HttpsServer(Handler, cert.cert_path, cert.key_path)
+        self.port = self._https.port
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._https.close()
 
     # What a test reads.
 

@@ -294,26 +294,34 @@ class Scan:
         while s[i] != '"':
             if s[i] == "\\":
                 i += 2
-            elif s.startswith("$((", i):
-                j = self._balanced(s, i + 1, "(", ")")
-                self._substitutions(s[i + 3:j - 1])
-                i = j + 1
-            elif s.startswith("$(", i):
-                inner, i = self._tokenize(s, i + 2, self._line, stop=")")
-                self._streams.append(inner)
-            elif s.startswith("${", i):
-                j = self._balanced(s, i + 1, "{", "}")
-                self._substitutions(s[i + 2:j])
-                i = j + 1
-            elif s[i] == "`":
-                j = s.index("`", i + 1)
-                self._streams.append(self._tokenize(s[i + 1:j], 0, self._line, None)[0])
-                i = j + 1
+            elif (after := self._substitution(s, i)) is not None:
+                i = after
             else:
                 if s[i] == "\n":
                     self._line += 1
                 i += 1
         return i
+
+    def _substitution(self, s: str, i: int) -> int | None:
+        """If ``s[i]`` starts ``$((...))``, ``$(...)``, ``${...}`` or a backquote, scan it for the
+        commands it runs and return the index after it; else None."""
+        if s.startswith("$((", i):
+            j = self._balanced(s, i + 1, "(", ")")
+            self._substitutions(s[i + 3:j - 1])
+            return j + 1
+        if s.startswith("$(", i):
+            inner, after = self._tokenize(s, i + 2, self._line, stop=")")
+            self._streams.append(inner)
+            return after
+        if s.startswith("${", i):
+            j = self._balanced(s, i + 1, "{", "}")
+            self._substitutions(s[i + 2:j])
+            return j + 1
+        if s[i] == "`":
+            j = s.index("`", i + 1)
+            self._streams.append(self._tokenize(s[i + 1:j], 0, self._line, None)[0])
+            return j + 1
+        return None
 
     def _substitutions(self, text: str) -> None:
         """Scan text that is not itself commands (``${...}``, ``$((...))``, an array's items)
@@ -324,21 +332,8 @@ class Scan:
                 i += 2
             elif text[i] == "'":
                 i = text.index("'", i + 1) + 1
-            elif text.startswith("$((", i):
-                j = self._balanced(text, i + 1, "(", ")")
-                self._substitutions(text[i + 3:j - 1])
-                i = j + 1
-            elif text.startswith("$(", i):
-                inner, i = self._tokenize(text, i + 2, self._line, stop=")")
-                self._streams.append(inner)
-            elif text.startswith("${", i):
-                j = self._balanced(text, i + 1, "{", "}")
-                self._substitutions(text[i + 2:j])
-                i = j + 1
-            elif text[i] == "`":
-                j = text.index("`", i + 1)
-                self._streams.append(self._tokenize(text[i + 1:j], 0, self._line, None)[0])
-                i = j + 1
+            elif (after := self._substitution(text, i)) is not None:
+                i = after
             else:
                 i += 1
         self._line = line
