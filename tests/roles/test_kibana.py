@@ -321,22 +321,6 @@ def test_valid_variables_pass(tmp_path: Path) -> None:
     _assert_secrets_not_printed(proc)
 
 
-def test_every_option_is_documented_and_has_a_default() -> None:
-    spec = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]
-    options = spec["main"]["options"]
-    defaults_text = (ROLE / "defaults" / "main.yml").read_text()
-    defaults = yaml.safe_load(defaults_text)
-    readme = (ROLE / "README.md").read_text()
-    required = {k for k, v in options.items() if v.get("required")}
-    assert set(defaults) | required == set(options), "defaults and argument_specs differ"
-    keys = {"type", "description", "required", "choices", "no_log", "elements", "options"}
-    for name, opt in options.items():
-        assert opt.get("description"), f"{name} has no description"
-        assert set(opt) <= keys, f"{name}: unexpected keys {set(opt) - keys} (unquoted comma?)"
-        assert f"`{name}`" in readme, f"{name} is missing from the README table"
-        assert f"{name}" in defaults_text
-
-
 def test_no_token_anywhere_fails_with_a_clear_message(tmp_path: Path) -> None:
     """No operator token, no username, and no Elasticsearch host published a token."""
     proc = _validate(tmp_path, VARS, published={})

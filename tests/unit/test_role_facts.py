@@ -1,0 +1,132 @@
+"""Each role variable is stated once: meta/argument_specs.yml is the source.
+
+- every variable in defaults/main.yml is an option of the argument specs with the same default,
+  and every option has a type, a description and a default (or is required and has none);
+- the README's variable tables are exactly what scripts/role-docs.py renders from the specs;
+- variables a role keeps to itself are named ``__<role>_<name>`` (vars/main.yml, register,
+  set_fact, task and block vars, loop variables), and no file anywhere uses another form of
+  internal name (``_<role>_``, ``<role>__``, unprefixed ``_x``/``__x``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+TOP = Path(__file__).resolve().parents[2]
+ROLES_DIR = TOP / "roles"
+ROLES = sorted(p.parent.parent.name for p in ROLES_DIR.glob("*/meta/argument_specs.yml"))
+
+_spec = importlib.util.spec_from_file_location("role_docs", TOP / "scripts" / "role-docs.py")
+assert _spec is not None and _spec.loader is not None
+role_docs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(role_docs)
+
+# Facts a role publishes for its callers: public names that are no input (documented in the
+# role's README, "Outputs" or where the fact is described).
+OUTPUTS = {
+    "pki": {"pki_host_changed", "pki_host_key_path", "pki_host_cert_path", "pki_host_ca_path",
+            "pki_host_sans"},
+    "elasticsearch": {"elasticsearch_kibana_service_token"},
+}
+
+
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def _options(role: str) -> dict[str, dict[str, Any]]:
+    """Every option of every entry point; an option in two entry points must be the same."""
+    merged: dict[str, dict[str, Any]] = {}
+    for entry, spec in role_docs.load_specs(ROLES_DIR / role).items():
+        for name, opt in (spec.get("options") or {}).items():
+            assert merged.get(name, opt) == opt, f"{role}: {name} differs in entry point {entry}"
+            merged[name] = opt
+    return merged
+
+
+# What an option may carry; anything else is a typo (or a flow mapping with an unquoted comma).
+OPTION_KEYS = {"type", "elements", "required", "default", "choices", "no_log", "description",
+               "options"}
+
+
+def _check_option(where: str, opt: dict[str, Any]) -> list[str]:
+    problems = []
+    if set(opt) - OPTION_KEYS:
+        problems.append(f"{where}: unexpected keys {sorted(set(opt) - OPTION_KEYS)}")
+    if not opt.get("type"):
+        problems.append(f"{where}: no type")
+    desc = opt.get("description")
+    if not desc or (isinstance(desc, list) and not all(desc)):
+        problems.append(f"{where}: no description")
+    for sub, sopt in (opt.get("options") or {}).items():
+        problems += _check_option(f"{where}.{sub}", sopt)
+    return problems
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_option_has_type_description_and_default(role: str) -> None:
+    defaults = _yaml(ROLES_DIR / role / "defaults" / "main.yml") or {}
+    problems = []
+    for name, opt in _options(role).items():
+        problems += _check_option(f"{role}: {name}", opt)
+        if opt.get("required"):
+            # Ansible refuses required together with a default, and a value in defaults/main.yml
+            # would make `required` meaningless.
+            if "default" in opt or name in defaults:
+                problems.append(f"{role}: {name} is required but has a default")
+        elif "default" not in opt:
+            problems.append(f"{role}: {name} has no default in meta/argument_specs.yml")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_defaults_equal_the_specs(role: str) -> None:
+    defaults = _yaml(ROLES_DIR / role / "defaults" / "main.yml") or {}
+    options = _options(role)
+    problems = [f"{role}: defaults/main.yml has {name}, meta/argument_specs.yml does not"
+                for name in defaults if name not in options]
+    for name, opt in options.items():
+        if opt.get("required"):
+            continue
+        if name not in defaults:
+            problems.append(f"{role}: {name} has no value in defaults/main.yml")
+        elif defaults[name] != opt.get("default"):
+            problems.append(f"{role}: {name}: defaults/main.yml {defaults[name]!r} != "
+                            f"meta/argument_specs.yml {opt.get('default')!r}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_readme_tables_are_generated_from_the_specs(role: str) -> None:
+    readme = ROLES_DIR / role / "README.md"
+    text = readme.read_text()
+    specs = role_docs.load_specs(ROLES_DIR / role)
+    found = [m.group("entry") for m in role_docs.MARKERS.finditer(text)]
+    assert sorted(found) == sorted(specs), (
+        f"roles/{role}/README.md: role-docs tables for entry points {found}, specs have "
+        f"{sorted(specs)}")
+    assert role_docs.render_readme(text, specs) == text, (
+        f"roles/{role}/README.md differs from meta/argument_specs.yml: run `make role-docs`")
+
+
+def test_rendering() -> None:
+    opt = {"type": "list", "elements": "str", "default": ["a|b"], "description": "Pipes | escaped."}
+    table = role_docs.render_table({"x_list": opt, "x_req": {"type": "int", "required": True,
+                                                              "description": "Host var."}}, set())
+    assert table.splitlines()[2:] == [
+        "| `x_list` | list of str | `[a\\|b]` | Pipes \\| escaped. |",
+        "| `x_req` | int | required | Host var. |",
+    ]
+    long = "{{ " + "x" * 90 + " }}"
+    assert role_docs.render_default({"default": long}) == "computed (see meaning)"
+    assert role_docs.render_default({"default": "{{ a }}/b"}) == "`{{ a }}/b`"
+    assert role_docs.render_default({"default": ""}) == '`""`'
+    assert role_docs.render_default({"default": False}) == "`false`"
+    assert role_docs.render_default({"default": 30.0}) == "`30.0`"
+    assert role_docs.render_meaning({"description": "Mode.", "choices": ["a", ""]}) == (
+        'Mode. Choices: `a`, `""`.')
