@@ -107,7 +107,7 @@ def _render(
     """Render every template of the role with the role's defaults plus overrides."""
     out = tmp / "out"
     out.mkdir()
-    facts = {"_kibana_home": "/opt/kibana", "_kibana_unit_managed_by_role": True} | (
+    facts = {"__kibana_home": "/opt/kibana", "__kibana_unit_managed_by_role": True} | (
         unit_facts or {}
     )
     templates = ["kibana.yml.j2", "node.options.j2", "kibana.service.j2", "override.conf.j2"]
