@@ -4,13 +4,16 @@
   and every option has a type, a description and a default (or is required and has none);
 - the README's variable tables are exactly what scripts/role-docs.py renders from the specs;
 - variables a role keeps to itself are named ``__<role>_<name>`` (vars/main.yml, register,
-  set_fact, task and block vars, loop variables), and no file anywhere uses another form of
-  internal name (``_<role>_``, ``<role>__``, unprefixed ``_x``/``__x``).
+  set_fact, task and block vars, loop variables; ansible-lint's var-naming accepts the form), a
+  role or playbook passes another role only that role's own variables, and no file uses another
+  form of internal name (``_<role>_x``, ``<role>__x``; unprefixed ``_x``/``__x`` fail the first
+  check).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +133,96 @@ def test_rendering() -> None:
     assert role_docs.render_default({"default": 30.0}) == "`30.0`"
     assert role_docs.render_meaning({"description": "Mode.", "choices": ["a", ""]}) == (
         'Mode. Choices: `a`, `""`.')
+
+
+# --- Internal variable names ---------------------------------------------------------------------
+
+INCLUDE_ROLE = {"ansible.builtin.include_role", "include_role", "ansible.builtin.import_role",
+                "import_role"}
+SET_FACT = {"ansible.builtin.set_fact", "set_fact"}
+
+
+def _walk(tasks: Any, where: str) -> list[tuple[str, str, str, str | None]]:
+    """(name, how it is set, file, role it is passed to) for every variable a task list sets."""
+    found: list[tuple[str, str, str, str | None]] = []
+    if not isinstance(tasks, list):
+        return found
+    for task in tasks:
+        if not isinstance(task, dict):
+            continue
+        for key in ("block", "rescue", "always"):
+            found += _walk(task.get(key), where)
+        target = next((task[k] for k in INCLUDE_ROLE if k in task), None)
+        target_role = str(target["name"]).split(".")[-1] if isinstance(target, dict) else None
+        if "register" in task:
+            found.append((task["register"], "register", where, None))
+        for key in SET_FACT & set(task):
+            found += [(n, "set_fact", where, None) for n in task[key] if n != "cacheable"]
+        if isinstance(task.get("vars"), dict):
+            found += [(n, "vars", where, target_role) for n in task["vars"]]
+        loop_control = task.get("loop_control")
+        if isinstance(loop_control, dict) and "loop_var" in loop_control:
+            found.append((loop_control["loop_var"], "loop_var", where, None))
+    return found
+
+
+def _naming_problems(name: str, how: str, where: str, role: str | None,
+                     target: str | None) -> list[str]:
+    if target is not None:
+        # Passed to another role's entry point: that role's own input, public or internal.
+        if name in _options(target) or name.startswith(f"__{target}_"):
+            return []
+        return [f"{where}: {name} ({how}) is neither an option of roles/{target} nor __{target}_*"]
+    if role is None:
+        return []
+    if name.startswith(f"__{role}_") or (how == "set_fact" and name in OUTPUTS.get(role, set())):
+        return []
+    return [f"{where}: {name} ({how}) should be named __{role}_<name> (internal) "
+            f"or be a documented output in OUTPUTS"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_internal_variables_are_named_double_underscore_role(role: str) -> None:
+    base = ROLES_DIR / role
+    problems = []
+    for path in sorted([*base.glob("tasks/**/*.yml"), *base.glob("handlers/*.yml")]):
+        for name, how, where, target in _walk(_yaml(path), str(path.relative_to(TOP))):
+            problems += _naming_problems(name, how, where, role, target)
+    for name in _yaml(base / "vars" / "main.yml") or {}:
+        problems += _naming_problems(name, "vars/main.yml", f"roles/{role}/vars/main.yml", role,
+                                     None)
+    assert not problems, "\n".join(problems)
+
+
+def test_playbooks_pass_roles_their_own_variables() -> None:
+    problems = []
+    for path in sorted([TOP / "site.yml", *(TOP / "playbooks").glob("*.yml")]):
+        where = str(path.relative_to(TOP))
+        for play in _yaml(path) or []:
+            for section in ("pre_tasks", "tasks", "post_tasks"):
+                for name, how, _, target in _walk(play.get(section), where):
+                    problems += _naming_problems(name, how, where, None, target)
+    assert not problems, "\n".join(problems)
+
+
+# Any other spelling of an internal name: _<role>_x, <role>__x.
+OTHER_FORMS = re.compile(r"(?<![\w])(_(?:{r})_[a-z0-9]\w*|(?:{r})__\w+)".format(r="|".join(ROLES)))
+
+
+def test_no_other_form_of_internal_name_anywhere() -> None:
+    paths = [TOP / "site.yml", TOP / "README.md"]
+    for folder in ("roles", "playbooks", "molecule", "inventories", "docs", "tests/roles"):
+        paths += [p for p in (TOP / folder).rglob("*")
+                  if p.is_file() and p.suffix in {".yml", ".yaml", ".j2", ".md"}]
+    problems = [f"{p.relative_to(TOP)}:{n}: {m.group(1)}"
+                for p in sorted(paths)
+                for n, line in enumerate(p.read_text().splitlines(), 1)
+                for m in OTHER_FORMS.finditer(line)]
+    assert not problems, "internal variables are named __<role>_<name>:\n" + "\n".join(problems)
+
+
+def test_other_forms_are_recognised() -> None:
+    assert [m.group(1) for m in OTHER_FORMS.finditer(
+        "x: '{{ hostvars[h]._elasticsearch_api_url }} {{ kafka__restart_host }}' "
+        "__kafka_home elasticsearch_version kibana_elasticsearch_hosts")] == [
+        "_elasticsearch_api_url", "kafka__restart_host"]
