@@ -27,6 +27,8 @@ from harness.tls import HttpsServer
 
 TOP = Path(__file__).resolve().parents[2]
 ROLE = TOP / "roles" / "kibana"
+# What the fake Kibana reports: the version the role pins.
+KIBANA_VERSION = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())["kibana_version"]
 
 KEY = "k" * 32  # valid length
 # What roles/elasticsearch publishes on its hosts (set_fact elasticsearch_kibana_service_token);
@@ -547,7 +549,7 @@ class _FakeKibana:
                     self._reply(
                         200,
                         {
-                            "version": {"number": "8.19.21"},
+                            "version": {"number": KIBANA_VERSION},
                             "status": {"overall": {"level": "available", "summary": "ok"}},
                         },
                     )
