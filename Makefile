@@ -17,7 +17,7 @@ help:
 	@echo "make lab         bring up the multi-host lab and deploy site.yml; lab-status, lab-shell HOST=, lab-down"
 	@echo "make bench       benchmarks against ceilings measured in the same run"
 	@echo "make chaos       chaos suite: kills, outages, rebalances, poison; checks lost=0 duplicated=0"
-	@echo "make role-docs   rewrite the roles' README variable tables from meta/argument_specs.yml"
+	@echo "make role-docs   rewrite the roles' README tables and defaults comments from meta/argument_specs.yml"
 
 # constraints.txt pins every tool and library the dev/CI environment resolves to, so a fresh
 # clone lints and tests against the versions main was proven with. Refresh it on purpose with

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Write each role's variable tables into its README from meta/argument_specs.yml.
+"""Write each role's variable docs (README tables, defaults/main.yml comments) from its specs.
 
 A role variable is described in one place: its option in roles/<role>/meta/argument_specs.yml
 (type, default, description, choices). defaults/main.yml holds the same default values (Ansible
-reads them from there; tests/unit/test_role_facts.py checks both agree), and the README's tables
-are rendered from the specs between markers, one per entry point:
+reads them from there; tests/unit/test_role_facts.py checks both agree) under a comment that is
+the option's description, rewritten here, so whoever opens defaults/main.yml reads each variable's
+meaning beside its value. Section headers (`# --- Name ---`) and comments inside a value stay as
+written. The README's tables are rendered from the specs between markers, one per entry point:
 
     <!-- BEGIN role-docs main ... -->
     <!-- END role-docs main -->
@@ -12,8 +14,8 @@ are rendered from the specs between markers, one per entry point:
 A later table of the same README leaves out options an earlier one listed (roles/pki's `host`
 entry point shares the `main` options). Usage:
 
-    scripts/role-docs.py           rewrite the tables of every role (make role-docs)
-    scripts/role-docs.py --check   exit 1 and name the READMEs whose tables differ
+    scripts/role-docs.py           rewrite the tables and comments of every role (make role-docs)
+    scripts/role-docs.py --check   exit 1 and name the files that differ
 
 Standard library and PyYAML only (the venv has PyYAML through Ansible).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,10 @@ MARKERS = re.compile(
     re.DOTALL | re.MULTILINE)
 # A templated default longer than this is shown as "computed"; its description says how.
 TEMPLATE_WIDTH = 80
+# defaults/main.yml: the line length yamllint allows (.yamllint), and what starts a section header.
+COMMENT_WIDTH = 100
+SECTION = "# ---"
+TOP_LEVEL_KEY = re.compile(r"^(?P<name>[a-z][a-z0-9_]*):(?:\s|$)")
 
 
 def load_specs(role_dir: Path) -> dict[str, Any]:
@@ -135,6 +142,40 @@ def render_readme(text: str, specs: dict[str, Any], where: str = "README.md") ->
     return MARKERS.sub(replace, text)
 
 
+def all_options(specs: dict[str, Any]) -> dict[str, Any]:
+    """Every entry point's options, the first entry point's description winning."""
+    merged: dict[str, Any] = {}
+    for spec in specs.values():
+        for name, opt in spec.get("options", {}).items():
+            merged.setdefault(name, opt)
+    return merged
+
+
+def comment_lines(opt: dict[str, Any]) -> list[str]:
+    """An option's description as a defaults/main.yml comment, wrapped to the allowed width."""
+    text = _description(opt)
+    if "choices" in opt:
+        text += " Choices: " + ", ".join(_flow(c) for c in opt["choices"]) + "."
+    return textwrap.wrap(text, COMMENT_WIDTH - 2, initial_indent="# ", subsequent_indent="# ",
+                         break_on_hyphens=False, break_long_words=False)
+
+
+def render_defaults(text: str, specs: dict[str, Any]) -> str:
+    """defaults/main.yml with the comment directly above each variable replaced by its spec's
+    description. A variable the specs do not know keeps its comment (the test reports it)."""
+    options = all_options(specs)
+    out: list[str] = []
+    for line in text.splitlines():
+        match = TOP_LEVEL_KEY.match(line)
+        if match and match.group("name") in options:
+            while out and out[-1].startswith("#") and not out[-1].startswith(SECTION) \
+                    and out[-1] != "#":
+                out.pop()
+            out.extend(comment_lines(options[match.group("name")]))
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def role_dirs() -> list[Path]:
     return sorted(p.parent.parent for p in ROLES.glob("*/meta/argument_specs.yml"))
 
@@ -146,6 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     differ: list[str] = []
     missing: list[str] = []
     for role_dir in role_dirs():
+        defaults = role_dir / "defaults" / "main.yml"
+        if defaults.exists():
+            old = defaults.read_text()
+            new = render_defaults(old, load_specs(role_dir))
+            if new != old:
+                differ.append(str(defaults.relative_to(TOP)))
+                if not args.check:
+                    defaults.write_text(new)
+                    print(f"{defaults.relative_to(TOP)}: comments rewritten")
         readme = role_dir / "README.md"
         where = str(readme.relative_to(TOP))
         old = readme.read_text()
@@ -160,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 readme.write_text(new)
                 print(f"{where}: tables rewritten")
     if args.check and differ:
-        print("variable tables differ from meta/argument_specs.yml (run make role-docs): "
+        print("variable docs differ from meta/argument_specs.yml (run make role-docs): "
               + ", ".join(differ), file=sys.stderr)
         return 1
     return 1 if missing else 0

@@ -2,7 +2,8 @@
 
 - every variable in defaults/main.yml is an option of the argument specs with the same default,
   and every option has a type, a description and a default (or is required and has none);
-- the README's variable tables are exactly what scripts/role-docs.py renders from the specs;
+- the README's variable tables, and the comment above each variable in defaults/main.yml, are
+  exactly what scripts/role-docs.py renders from the specs;
 - variables a role keeps to itself are named ``__<role>_<name>`` (vars/main.yml, register,
   set_fact, task and block vars, loop variables; ansible-lint's var-naming accepts the form), a
   role or playbook passes another role only that role's own variables, and no file uses another
@@ -115,6 +116,36 @@ def test_readme_tables_are_generated_from_the_specs(role: str) -> None:
         f"{sorted(specs)}")
     assert role_docs.render_readme(text, specs) == text, (
         f"roles/{role}/README.md differs from meta/argument_specs.yml: run `make role-docs`")
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_defaults_comments_are_the_descriptions(role: str) -> None:
+    text = (ROLES_DIR / role / "defaults" / "main.yml").read_text()
+    specs = role_docs.load_specs(ROLES_DIR / role)
+    assert role_docs.render_defaults(text, specs) == text, (
+        f"roles/{role}/defaults/main.yml: a comment differs from meta/argument_specs.yml: "
+        "run `make role-docs`")
+    # Every variable has its description above it (the header and section lines aside).
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        match = role_docs.TOP_LEVEL_KEY.match(line)
+        if match:
+            assert i and lines[i - 1].startswith("# ") and not lines[i - 1].startswith("# ---"), (
+                f"roles/{role}/defaults/main.yml:{i + 1}: {match.group('name')} has no comment")
+
+
+def test_defaults_rendering() -> None:
+    specs = {"main": {"options": {
+        "x_a": {"description": ["Two", "parts."], "choices": ["a", ""]},
+        "x_b": {"description": "Word " * 30}}}}
+    text = ("---\n# Header.\n\n# --- Section ---\n# stale\n# comment\nx_a: a\n"
+            "x_b:  # inline kept\n  - 1\nx_c: 3\n")
+    out = role_docs.render_defaults(text, specs)
+    assert out.splitlines() == [
+        "---", "# Header.", "", "# --- Section ---", "# Two parts. Choices: a, ''.", "x_a: a",
+        "# " + ("Word " * 19).strip(), "# " + ("Word " * 11).strip(),
+        "x_b:  # inline kept", "  - 1", "x_c: 3"]
+    assert role_docs.render_defaults(out, specs) == out
 
 
 def test_rendering() -> None:
