@@ -89,6 +89,10 @@ class ConsumerConfig:
     poll_timeout_s: float = 0.25
     # Bulk requests sent in parallel for one batch (the batch is split into this many chunks).
     bulk_concurrency: int = 1
+    # Batches in hand at once: with 2, the next batch is fetched, built and queued while one is
+    # indexed, so Elasticsearch never waits for the consumer. Memory grows with it (batch_size
+    # messages each); requests in flight stay at most bulk_concurrency.
+    pipeline_depth: int = 2
     retry_initial_backoff_s: float = 0.5
     retry_max_backoff_s: float = 30.0
     # On SIGTERM: how long to keep trying to finish the batch in hand before closing.
@@ -181,8 +185,8 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 _POSITIVE = {
     ("kafka", "partitions"), ("kafka", "replication_factor"), ("kafka", "min_insync_replicas"),
     ("kafka", "dlq_partitions"), ("elasticsearch", "shards"), ("consumer", "batch_size"),
-    ("consumer", "bulk_concurrency"), ("consumer", "poll_timeout_s"),
-    ("consumer", "max_message_bytes"), ("consumer", "max_bulk_bytes"),
+    ("consumer", "bulk_concurrency"), ("consumer", "pipeline_depth"),
+    ("consumer", "poll_timeout_s"), ("consumer", "max_message_bytes"), ("consumer", "max_bulk_bytes"),
     ("producer", "flush_timeout_s"),
     ("elasticsearch", "request_timeout_s"), ("alert", "timeout_s"),
 }
