@@ -1,9 +1,11 @@
 """`logpipe consume`: Kafka -> Elasticsearch sink, effectively exactly once in Elasticsearch.
 
 At-least-once from Kafka (manual commits of handled offsets only), idempotent in Elasticsearch
-(op type ``create``, ``_id`` = message key, index from the event timestamp). One batch at a time:
-fetch -> bulk -> dead-letter what Elasticsearch rejects -> retry what can be retried (partitions
-paused, still polling) -> commit. See docs/DESIGN.md.
+(op type ``create``, ``_id`` = message key, index from the event timestamp). A pipeline: while
+one batch is indexed the next is fetched, built and queued (``sender.BulkSender``); answers are
+handled oldest first -> dead-letter what Elasticsearch rejects -> hold what can be retried (only
+its partitions paused, ``retries.RetryQueue``) -> commit what is handled, asynchronously. See
+docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -399,9 +401,7 @@ class SinkConsumer:
                     in_flight.append(batch)
                     continue
             if in_flight:
-                head = in_flight[0].pending
-                if head is not None:
-                    head.wait(WAIT_SLICE_S)
+                self._await_answer(in_flight[0])
                 continue
             if self._retries or self._halted:
                 continue  # _next_batch waited for the next retry to fall due
@@ -415,6 +415,12 @@ class SinkConsumer:
                 elif time.monotonic() - unassigned_since > unassigned_limit:
                     log.warning("no_assignment", waited_s=unassigned_limit)
                     break
+
+    def _await_answer(self, batch: _Batch) -> None:
+        """Wait a slice for the oldest batch's requests (the loop feeds the watchdog and checks
+        the shutdown deadline between slices)."""
+        if batch.pending is not None:
+            batch.pending.wait(WAIT_SLICE_S)
 
     def _read_to_end(self) -> bool:
         """Run-once: every owned partition has been read to its end."""

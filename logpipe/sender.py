@@ -58,6 +58,8 @@ class BulkSender:
         # Request size cap (consumer.max_bulk_bytes), lowered by 413 answers until restart.
         self._cap = max_bulk_bytes
         self._smallest_refused = 0
+        # The cap last logged: a batch queued before a lowering must not log it again.
+        self._reported_cap = max_bulk_bytes
         self._cap_lock = threading.Lock()
         metrics.bulk_cap.set(max_bulk_bytes)
 
@@ -72,8 +74,20 @@ class BulkSender:
             chunks = 1  # not worth splitting a handful of retries
         cap = self._cap
         parts = split_docs(docs, chunks, cap)
-        futures = [self._pool.submit(send_in_parts, part, self._request) for part in parts]
+        futures = [self._pool.submit(self._send, part) for part in parts]
         return PendingBulk(parts, futures, cap)
+
+    def _send(self, docs: list[Doc]) -> BulkOutcome:
+        """One part, cut again first if a 413 lowered the cap after it was queued (the next
+        batch is queued before the answers to this one are in)."""
+        pieces = split_docs(docs, 1, self._cap)
+        if len(pieces) == 1:
+            return send_in_parts(docs, self._request)
+        outcome, base = BulkOutcome(), 0
+        for piece in pieces:
+            outcome.add(send_in_parts(piece, self._request), base)
+            base += len(piece)
+        return outcome
 
     def outcome(self, pending: PendingBulk) -> BulkOutcome:
         """The merged outcome of ``pending``; requests that have not answered (abandoned at the
@@ -88,7 +102,8 @@ class BulkSender:
                 outcome = BulkOutcome(retry=list(range(len(part))), retry_reason="shutdown")
             merged.add(outcome, base)
             base += len(part)
-        if self._cap < pending.cap_before:
+        if self._cap < pending.cap_before and self._cap != self._reported_cap:
+            self._reported_cap = self._cap
             self._metrics.bulk_cap.set(self._cap)
             # Once per lowering, not per refused request: the recursive halving behind it may
             # have taken several.

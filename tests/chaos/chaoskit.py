@@ -172,10 +172,13 @@ class PacedProducer(threading.Thread):
 _PHASE_FRAMES: tuple[tuple[str, str], ...] = (
     ("_commit", "commit (bulk done, commit in flight)"),
     ("_dead_letter", "dead-lettering"),
-    ("_wait_paused", "retry backoff (paused)"),
-    ("_bulk", "mid-bulk"),
+    ("_await_answer", "mid-bulk"),
     ("make_doc", "building documents"),
-    ("_process", "between fetch and bulk / bulk and commit"),
+    # The pipeline: batch N's request is in flight (and, right after a batch was handled, its
+    # asynchronous commit too) while the next batch is fetched and built.
+    ("_build_ahead", "bulk N in flight, batch N+1 being built"),
+    ("_start", "between fetch and bulk"),
+    ("_finish", "between bulk and commit"),
     ("_accept", "mid-fetch"),
     ("_fetch", "mid-fetch"),
     ("_on_assign", "rebalance callback"),
@@ -186,8 +189,8 @@ _PHASE_FRAMES: tuple[tuple[str, str], ...] = (
     ("_loop", "main loop"),
 )
 # Kill targets, in rotation; "any" takes the first sample.
-TARGETS = ("mid-bulk", "commit (bulk done, commit in flight)", "mid-fetch", "mid-bulk",
-           "between fetch and bulk / bulk and commit", "any")
+TARGETS = ("mid-bulk", "bulk N in flight, batch N+1 being built",
+           "commit (bulk done, commit in flight)", "mid-fetch", "between bulk and commit", "any")
 
 
 def _py_spy() -> str | None:
