@@ -186,7 +186,8 @@ _POSITIVE = {
     ("kafka", "partitions"), ("kafka", "replication_factor"), ("kafka", "min_insync_replicas"),
     ("kafka", "dlq_partitions"), ("elasticsearch", "shards"), ("consumer", "batch_size"),
     ("consumer", "bulk_concurrency"), ("consumer", "pipeline_depth"),
-    ("consumer", "poll_timeout_s"), ("consumer", "max_message_bytes"), ("consumer", "max_bulk_bytes"),
+    ("consumer", "poll_timeout_s"), ("consumer", "max_message_bytes"),
+    ("consumer", "max_bulk_bytes"),
     ("producer", "flush_timeout_s"),
     ("elasticsearch", "request_timeout_s"), ("alert", "timeout_s"),
 }

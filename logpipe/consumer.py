@@ -34,6 +34,7 @@ from logpipe.fatal import FatalError, fatal_error, fatal_in
 from logpipe.kafka import RdKafkaLogger, client_config
 from logpipe.metrics import ConsumerMetrics
 from logpipe.offsets import OffsetTracker, PartitionKey, commit_metadata
+from logpipe.ownership import Ownership
 from logpipe.refusal import Refusal
 from logpipe.retries import RetryQueue
 from logpipe.sender import BulkSender, PendingBulk
@@ -111,16 +112,13 @@ class SinkConsumer:
         self._dlq = dlq
         self._rng = rng
         self._tracker = OffsetTracker()
-        self._assigned: set[PartitionKey] = set()
-        self._generation: dict[PartitionKey, int] = {}
-        self._eof: set[PartitionKey] = set()
+        self._partitions = Ownership()
         # Partitions held for a retry, with their messages (see retries.py).
         self._retries: RetryQueue[_InHand] = RetryQueue()
         # Batches in hand, oldest first: at most consumer.pipeline_depth.
         self._in_flight: deque[_Batch] = deque()
         # Fresh (not retry) batches started, for run-once's consumer.max_batches.
         self._fresh_batches = 0
-        self._paused: set[PartitionKey] = set()
         self._watchdog = sdnotify.Watchdog()
         self._sender: BulkSender | None = None
         # The first fatal client state (fenced static member, dead DLQ producer): stops the loop.
@@ -134,8 +132,6 @@ class SinkConsumer:
         self._stalled = False
         # Why the batch in hand is being retried ("" when it is not).
         self._retry_reason = ""
-        # When we last committed each partition (monotonic), for the idle refresh.
-        self._committed_at: dict[PartitionKey, float] = {}
 
     # -- control ---------------------------------------------------------------------------
 
@@ -410,7 +406,7 @@ class SinkConsumer:
             # Idle: retry a commit that failed earlier (e.g. during a rebalance), if any.
             self._commit()
             if run_once:
-                if self._assigned:
+                if self._partitions:
                     unassigned_since = time.monotonic()
                 elif time.monotonic() - unassigned_since > unassigned_limit:
                     log.warning("no_assignment", waited_s=unassigned_limit)
@@ -424,7 +420,7 @@ class SinkConsumer:
 
     def _read_to_end(self) -> bool:
         """Run-once: every owned partition has been read to its end."""
-        return bool(self._assigned) and self._eof >= self._assigned
+        return self._partitions.read_to_end()
 
     def _build_ahead(self, fresh: bool) -> _Batch | None:
         """The next batch while the one before it is being indexed (its own name so that a stack
@@ -489,7 +485,7 @@ class SinkConsumer:
                 if err.code() == KafkaError._PARTITION_EOF:
                     eof_topic, eof_partition = msg.topic(), msg.partition()
                     if eof_topic is not None and eof_partition is not None:
-                        self._eof.add((eof_topic, eof_partition))
+                        self._partitions.reached_end((eof_topic, eof_partition))
                 elif (found := refusal.kafka(err, self.cfg.kafka.bootstrap_servers)) is not None:
                     self._refuse(found)
                 elif (fatal := fatal_error(err, "consumer")) is not None:
@@ -502,9 +498,9 @@ class SinkConsumer:
             # librdkafka sets all three on every message that carries no error.
             assert topic is not None and partition is not None and offset is not None
             key = (topic, partition)
-            self._eof.discard(key)
+            self._partitions.reached_end(key, False)
             self._tracker.fetched(key, offset)
-            m = _InHand(key, offset, self._generation.get(key, 0), msg.key(), msg.value())
+            m = _InHand(key, offset, self._partitions.generation(key), msg.key(), msg.value())
             # Fetched before its partition's pause took effect: it waits for that partition's
             # retry, in order, instead of overtaking the message being retried.
             if not self._retries.hold(m, now):
@@ -512,7 +508,7 @@ class SinkConsumer:
         return out
 
     def _owned(self, m: _InHand) -> bool:
-        return m.key in self._assigned and self._generation.get(m.key, 0) == m.generation
+        return self._partitions.owns(m.key, m.generation)
 
     def _start(self, messages: list[_InHand], *, retry: bool) -> _Batch:
         """Build the documents not built yet and queue their bulk request."""
@@ -638,14 +634,12 @@ class SinkConsumer:
         """Pause the partitions held for a retry (or ``everything`` owned, when no more fresh
         messages are wanted) and resume the rest. Paused partitions are still polled, so the
         group keeps them and rebalance callbacks run."""
-        want = set(self._assigned) if everything \
-            else self._retries.partitions() & self._assigned
-        pause, resume = want - self._paused, (self._paused - want) & self._assigned
+        pause, resume = self._partitions.repause(
+            set(self._partitions.owned) if everything else self._retries.partitions())
         if pause:
             self._consumer.pause([TopicPartition(t, p) for t, p in pause])
         if resume:
             self._consumer.resume([TopicPartition(t, p) for t, p in resume])
-        self._paused = want
 
     # -- commits and rebalances --------------------------------------------------------------
 
@@ -653,7 +647,7 @@ class SinkConsumer:
                 ) -> dict[PartitionKey, int]:
         """Commit handled positions that advanced (only partitions we own): synchronously, or
         sent without waiting (``asynchronous``; the broker's answer reaches ``_on_commit``)."""
-        selected = self._assigned if keys is None else keys
+        selected = self._partitions.owned if keys is None else keys
         return self._send_commit(self._tracker.to_commit(selected, unsent=asynchronous),
                                  asynchronous=asynchronous)
 
@@ -663,9 +657,7 @@ class SinkConsumer:
         stalled to `logpipe check` until that message is committed."""
         now = time.monotonic()
         positions = {}
-        for key in self._assigned:
-            if now - self._committed_at.get(key, now) < COMMIT_REFRESH_S:
-                continue
+        for key in self._partitions.not_committed_for(COMMIT_REFRESH_S, now):
             position = self._tracker.caught_up(key)
             if position is not None:
                 positions[key] = position
@@ -673,7 +665,7 @@ class SinkConsumer:
             self._send_commit(positions)
             # Attempted counts: a refresh that failed (a rebalance) waits for the next round
             # instead of being retried, and logged, on every loop.
-            self._committed_at.update(dict.fromkeys(positions, now))
+            self._partitions.committed(positions, now)
 
     def _send_commit(self, positions: dict[PartitionKey, int], *, asynchronous: bool = False,
                      ) -> dict[PartitionKey, int]:
@@ -687,7 +679,7 @@ class SinkConsumer:
             if asynchronous:
                 self._consumer.commit(offsets=offsets, asynchronous=True)
                 self._tracker.mark_sent(positions)
-                self._committed_at.update(dict.fromkeys(positions, time.monotonic()))
+                self._partitions.committed(positions, time.monotonic())
                 return positions
             result = self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
@@ -704,7 +696,7 @@ class SinkConsumer:
             log.warning("commit_failed", error=str(exc), partitions=len(offsets))
             return {}
         done = self._committed(result or offsets)
-        self._committed_at.update(dict.fromkeys(done, time.monotonic()))
+        self._partitions.committed(done, time.monotonic())
         return done
 
     def _committed(self, partitions: list[TopicPartition]) -> dict[PartitionKey, int]:
@@ -732,7 +724,7 @@ class SinkConsumer:
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """The broker's answer to a commit (served from consume()); for synchronous commits it
         repeats what commit() returned, which is harmless."""
-        owned = [tp for tp in partitions if (tp.topic, tp.partition) in self._assigned]
+        owned = [tp for tp in partitions if (tp.topic, tp.partition) in self._partitions]
         if err is None:
             self._committed([tp for tp in owned if tp.offset >= 0 or tp.error is not None])
             return
@@ -754,38 +746,30 @@ class SinkConsumer:
         if not keys:
             return  # an incremental rebalance that gave us nothing new
         self._tracker.forget(keys)
-        for key in keys:
-            self._generation[key] = self._generation.get(key, 0) + 1
-        self._assigned |= keys
-        self._eof -= keys
-        log.event("assigned", partitions=_fmt(keys), owned=len(self._assigned))
+        self._partitions.assign(keys)
+        log.event("assigned", partitions=_fmt(keys), owned=len(self._partitions))
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         try:
-            committed = self._commit(keys & self._assigned)
+            committed = self._commit(keys & self._partitions.owned)
         except Exception as exc:
             log.warning("commit_failed", error=str(exc))
             committed = {}
         dropped = self._drop(keys)
         log.event("revoked", partitions=_fmt(keys), committed=len(committed),
-                  dropped=dropped, owned=len(self._assigned))
+                  dropped=dropped, owned=len(self._partitions))
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         dropped = self._drop(keys)
-        log.warning("lost", partitions=_fmt(keys), dropped=dropped, owned=len(self._assigned))
+        log.warning("lost", partitions=_fmt(keys), dropped=dropped, owned=len(self._partitions))
 
     def _drop(self, keys: set[PartitionKey]) -> int:
         """Forget partitions we no longer own; their unhandled messages go to the new owner."""
         dropped = sum(self._tracker.unhandled_count(k) for k in keys)
         self._tracker.forget(keys)
-        for key in keys:
-            self._generation[key] = self._generation.get(key, 0) + 1
-            self._committed_at.pop(key, None)
-        self._assigned -= keys
-        self._paused -= keys
-        self._eof -= keys
+        self._partitions.drop(keys)
         self._retries.drop(keys)
         return dropped
 
@@ -818,7 +802,7 @@ class SinkConsumer:
         lag_by_partition = self._lag()
         lag = sum(lag_by_partition.values())
         self.metrics.set_lag(lag_by_partition)
-        self.metrics.assigned.set(len(self._assigned))
+        self.metrics.assigned.set(len(self._partitions))
         if done != self._status_done or lag == 0:
             self._progress_at = now
         self._last_status, self._status_done = now, done
@@ -831,7 +815,8 @@ class SinkConsumer:
             if not self._stalled:
                 self._stalled = True
                 log.warning("stalled", no_progress_s=round(stalled_s), lag=lag,
-                            reason=self._retry_reason or "unknown", owned=len(self._assigned))
+                            reason=self._retry_reason or "unknown",
+                            owned=len(self._partitions))
         elif self._stalled:
             self._stalled = False
             log.event("stall_cleared", lag=lag, indexed=self.indexed)
@@ -839,7 +824,7 @@ class SinkConsumer:
         sdnotify.notify(f"STATUS={status}")
         log.event("throughput", docs_per_s=round(rate, 1), lag=lag, indexed=self.indexed,
                   already_present=self.already_present, dlq=self.dead_lettered,
-                  owned=len(self._assigned))
+                  owned=len(self._partitions))
 
     @property
     def stalled_s(self) -> float:
@@ -858,7 +843,7 @@ class SinkConsumer:
         """Messages not yet handled per owned partition (cached high watermarks, no request);
         partitions not read yet are left out."""
         lag: dict[PartitionKey, int] = {}
-        for topic, partition in self._assigned:
+        for topic, partition in self._partitions.owned:
             try:
                 _low, high = self._consumer.get_watermark_offsets(
                     TopicPartition(topic, partition), cached=True)
