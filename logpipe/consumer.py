@@ -461,15 +461,20 @@ class SinkConsumer:
         ahead notices that the one before it was answered, without sitting out the whole
         timeout for a partial batch.
         """
-        size = self.cfg.consumer.batch_size
+        size, max_bytes = self.cfg.consumer.batch_size, self.cfg.consumer.max_batch_bytes
         run_once = self.cfg.consumer.max_batches > 0
         deadline = time.monotonic() + timeout_s
         batch: list[_InHand] = []
+        held_bytes = 0
         while len(batch) < size:
             left = deadline - time.monotonic()
-            batch.extend(self._accept(self._consumer.consume(
-                size - len(batch), max(0.0, min(FETCH_SLICE_S, left)))))
-            if left <= FETCH_SLICE_S or self._halted or self.stopping \
+            got = self._accept(self._consumer.consume(
+                size - len(batch), max(0.0, min(FETCH_SLICE_S, left))))
+            batch.extend(got)
+            # Bounds what is in hand (pipeline_depth batches) when messages are large; one
+            # consume() may overshoot, by at most what librdkafka has queued.
+            held_bytes += sum(len(m.value or b"") for m in got)
+            if left <= FETCH_SLICE_S or held_bytes >= max_bytes or self._halted or self.stopping \
                     or (run_once and self._read_to_end()) \
                     or (self._in_flight and self._in_flight[0].done()):
                 break

@@ -797,3 +797,22 @@ def test_the_next_batch_is_built_while_one_is_indexed_and_commits_are_asynchrono
     # Batches were committed without waiting for the broker; shutdown committed synchronously.
     assert kafka.async_commits >= 1
     assert kafka.committed_position(0) == 40
+
+
+def test_a_batch_closes_at_max_batch_bytes() -> None:
+    world, kafka = setup(per_partition=30, partitions=1)
+    size = len(kafka.logs[0][0][1])
+    # Messages are handed out one per consume() call; three messages' worth closes a batch
+    # long before batch_size or the poll timeout would.
+    es = FakeES(world)
+    consumer = sink(make_config(batch_size=30, max_batch_bytes=3 * size, poll_timeout_s=5.0),
+                    kafka, es, FakeDLQ(world))
+    kafka_consume = kafka.consume
+
+    def one_at_a_time(num_messages: int, timeout: float) -> list[FakeMessage]:
+        return kafka_consume(1, timeout)
+
+    kafka.consume = one_at_a_time  # type: ignore[method-assign]
+    assert consumer.run() == 0
+    assert consumer.indexed == 30
+    assert es.requests == 10
