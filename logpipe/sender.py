@@ -74,15 +74,20 @@ class BulkSender:
             chunks = 1  # not worth splitting a handful of retries
         cap = self._cap
         parts = split_docs(docs, chunks, cap)
-        futures = [self._pool.submit(self._send, part) for part in parts]
+        # Bodies are built here, on the caller's thread, while the previous request is in
+        # flight: a request thread that built its own body would leave Elasticsearch idle
+        # meanwhile.
+        futures = [self._pool.submit(self._send, part, build_body(part)) for part in parts]
         return PendingBulk(parts, futures, cap)
 
-    def _send(self, docs: list[Doc]) -> BulkOutcome:
-        """One part, cut again first if a 413 lowered the cap after it was queued (the next
-        batch is queued before the answers to this one are in)."""
+    def _send(self, docs: list[Doc], body: bytes) -> BulkOutcome:
+        """One part, with its body built; cut again first if a 413 lowered the cap after it
+        was queued (the next batch is queued before the answers to this one are in)."""
+        if len(body) <= self._cap:
+            # The first request send_in_parts makes is for ``docs`` itself: reuse its body.
+            return send_in_parts(docs, lambda part: self._request(
+                part, body if part is docs else None))
         pieces = split_docs(docs, 1, self._cap)
-        if len(pieces) == 1:
-            return send_in_parts(docs, self._request)
         outcome, base = BulkOutcome(), 0
         for piece in pieces:
             outcome.add(send_in_parts(piece, self._request), base)
@@ -127,7 +132,7 @@ class BulkSender:
         return TooLarge(body_bytes, "HTTP 413 (over Elasticsearch's http.max_content_length "
                                     "or a proxy's body size limit)")
 
-    def _request(self, docs: list[Doc]) -> BulkOutcome | TooLarge:
+    def _request(self, docs: list[Doc], body: bytes | None = None) -> BulkOutcome | TooLarge:
         """One ``_bulk`` request; a failure of the whole request makes every item retriable,
         except a 413, which says the body is too large.
 
@@ -139,7 +144,8 @@ class BulkSender:
         same way. A reset that swallowed the answer would be an ordinary ``TransportError``
         and retried: nothing tells it apart from an outage.
         """
-        body = build_body(docs)
+        if body is None:
+            body = build_body(docs)
         try:
             with self._metrics.bulk_seconds.time():
                 response = self._es.bulk(body=body,  # type: ignore[arg-type]
