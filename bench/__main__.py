@@ -1,6 +1,6 @@
 """``python -m bench``: run every benchmark once, print the table, write the report files.
 
-    python -m bench                 # the recorded run (make bench), ~8 min on 2 cores
+    python -m bench                 # the recorded run (make bench), ~15-20 min on 2 cores
     python -m bench --quick         # small sizes for iterating (numbers are noisier)
     python -m bench --profile       # also py-spy profiles of the consumer and the producer
     python -m bench --no-write      # print only; keep docs/BENCHMARKS.md and results.json
