@@ -271,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"; {results['meta']['seconds']:.0f} in total")
     if not args.no_write:
         (core.REPO / "bench" / "results.json").write_text(
-            json.dumps({**flat, "details": results}, indent=2, sort_keys=True, default=str)
-            + "\n")
+            record_json({**flat, "details": results}))
         report.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", flat, results)
         if "security" in results:
             write_security(results["security"], results["meta"])
@@ -366,7 +365,7 @@ def peer_only(args: argparse.Namespace, workdir: Path, peer_docs: int, command: 
         # stay as that run left them).
         saved.update(peer.flat(figures))
         saved.setdefault("details", {})["peer"] = figures
-        path.write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
+        path.write_text(record_json(saved))
         peer.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", figures)
         log("wrote the peer keys of bench/results.json and the peer block of "
             "docs/BENCHMARKS.md")
@@ -387,10 +386,15 @@ def print_security(figures: dict[str, Any]) -> None:
         print(f"{figure:<44} {value:<14} {detail}")
 
 
+def record_json(data: Any) -> str:
+    """A committed record: paths under the checkout relative to it (no machine's paths)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    return text.replace(json.dumps(str(core.REPO) + "/")[1:-1], "")
+
+
 def write_security(figures: dict[str, Any], meta: dict[str, Any]) -> None:
     figures = {**figures, "meta": {**figures.get("meta", {}), **meta}}
-    (core.REPO / "bench" / "security.json").write_text(
-        json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n")
+    (core.REPO / "bench" / "security.json").write_text(record_json(figures))
     security.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", figures)
 
 

@@ -199,12 +199,13 @@ class BulkFigures:
 class _Poster:
     """One persistent HTTP/1.1 connection posting NDJSON bodies to /_bulk."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, filter_path: str = "errors") -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         self.errors = 0
+        self.path = f"/_bulk?filter_path={filter_path}"
 
     def post(self, body: bytes) -> None:
-        self.conn.request("POST", "/_bulk?filter_path=errors", body,
+        self.conn.request("POST", self.path, body,
                           {"Content-Type": "application/x-ndjson"})
         resp = self.conn.getresponse()
         data = resp.read()
@@ -215,11 +216,13 @@ class _Poster:
         self.conn.close()
 
 
-def bulk_ceiling(port: int, batches: list[list[bytes]], es_pgid: int | None) -> BulkFigures:
+def bulk_ceiling(port: int, batches: list[list[bytes]], es_pgid: int | None, *,
+                 filter_path: str = "errors") -> BulkFigures:
     """Post pre-built batches; within a batch its bodies go in parallel (one connection each),
-    the next batch starts when all are answered (like the consumer's bulk_concurrency)."""
+    the next batch starts when all are answered (like the consumer's bulk_concurrency).
+    ``filter_path`` is the answer asked for (the consumer's, to compare what an answer costs)."""
     width = max(len(b) for b in batches)
-    posters = [_Poster(port) for _ in range(width)]
+    posters = [_Poster(port, filter_path) for _ in range(width)]
     docs = sum(body.count(b"\n") for batch in batches for body in batch) // 2
     cpu0 = group_cpu_seconds(es_pgid) if es_pgid else 0.0
     started = time.monotonic()
