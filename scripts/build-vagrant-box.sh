@@ -136,8 +136,9 @@ chmod 0644 "$out/vmlinuz" "$out/initrd.img"
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*_Packages
 
 # The file system from the directory (mkfs.ext4 -d): no loop device, no mount.
-mkfs.ext4 -q -F -L root -d "$rootfs" "$work/disk.raw" "${disk_gb}G"
-qemu-img convert -O qcow2 "$work/disk.raw" "$work/box.img"
+# (mkfs prints "Creating regular file" even with -q: stdout carries only the box directory.)
+mkfs.ext4 -q -F -L root -d "$rootfs" "$work/disk.raw" "${disk_gb}G" >>"$out/build.log"
+qemu-img convert -O qcow2 "$work/disk.raw" "$work/box.img" >>"$out/build.log"
 rm -f "$work/disk.raw"
 
 printf '{"provider": "libvirt", "format": "qcow2", "virtual_size": %s}\n' "$disk_gb" > "$work/metadata.json"
