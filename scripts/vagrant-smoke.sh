@@ -29,8 +29,8 @@
 #   LOGPIPE_SMOKE_SUITE       bookworm (default) or trixie: the box's Debian release
 #   LOGPIPE_SMOKE_DRIVER      qemu (default: emulation) or kvm
 #   LOGPIPE_SMOKE_KEEP        1: leave the VM and libvirtd running after the checks (then `down`)
-#   LOGPIPE_PAUSE_FILE        while this file exists, wait before each CPU-heavy step (a shared
-#                             machine's "benchmark running" flag)
+#   LOGPIPE_PAUSE_FILE        while this file exists, wait before each CPU-heavy step and keep the
+#                             VM suspended (a shared machine's "benchmark running" flag)
 set -euo pipefail
 # shellcheck disable=SC1091  # versions.sh is checked on its own
 . "$(dirname "$0")/versions.sh"
@@ -73,6 +73,22 @@ pause_point() {
 vagrant_ns() { (cd "$TOP" && ip netns exec "$NS" vagrant --no-tty "$@"); }
 vm() { ip netns exec "$NS" ssh -F "$RUN/ssh_config" -o LogLevel=ERROR "$HOST" "$@"; }
 lv() { virsh -q -c qemu:///system "$@"; }
+
+# While LOGPIPE_PAUSE_FILE exists, the smoke VMs are suspended (virsh suspend: no CPU at all) and
+# resumed once it is gone; runs in the background from libvirtd's start to the teardown. The guest's
+# clock stands still meanwhile, and timesyncd steps it afterwards.
+pause_watch() {
+  local file=$1 name
+  while pid_alive "$RUN/libvirtd.pid"; do
+    for name in $(lv list --all --name 2>/dev/null); do
+      case "$([ -e "$file" ] && echo quiet)-$(lv domstate "$name" 2>/dev/null)" in
+        quiet-running) lv suspend "$name" >/dev/null && log "suspended $name ($file exists)" ;;
+        -paused) lv resume "$name" >/dev/null && log "resumed $name" ;;
+      esac
+    done
+    sleep 10
+  done
+}
 
 pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -138,6 +154,7 @@ stop_pidfile() {
 
 cmd_down() {
   local name vol pid left
+  stop_pidfile "$RUN/pause-watch.pid"
   if pid_alive "$RUN/libvirtd.pid"; then
     if [ -d "$VAGRANT_DOTFILE_PATH/machines" ]; then
       log "vagrant destroy -f"
@@ -347,6 +364,10 @@ cmd_run() {
   start_namespace
   start_libvirt
   echo "$box_name" > "$RUN/box"
+  if [ -n "${LOGPIPE_PAUSE_FILE:-}" ] && ! pid_alive "$RUN/pause-watch.pid"; then
+    pause_watch "$LOGPIPE_PAUSE_FILE" &
+    echo $! > "$RUN/pause-watch.pid"
+  fi
 
   pause_point "vagrant up"
   log "vagrant up --provider=libvirt (boot + site.yml; log: ${LOGS#"$TOP"/}/vagrant-smoke-up.log)"
