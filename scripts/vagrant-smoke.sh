@@ -171,7 +171,8 @@ cmd_down() {
     done
     # The box's base image that vagrant-libvirt uploaded into the pool, then pools this run added.
     for name in $(lv pool-list --all --name); do
-      for vol in $(lv vol-list "$name" 2>/dev/null | awk 'NR > 2 && /vagrant_box_image/ {print $1}'); do
+      # (virsh -q: no header lines)
+      for vol in $(lv vol-list "$name" 2>/dev/null | awk '/vagrant_box_image/ {print $1}'); do
         lv vol-delete --pool "$name" "$vol" >/dev/null 2>&1 || true
       done
       if ! grep -qx "$name" "$RUN/pools.before" 2>/dev/null; then
