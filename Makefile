@@ -9,12 +9,13 @@ export ANSIBLE_LOCAL_TEMP := $(abspath .cache/ansible/tmp)
 export ANSIBLE_HOME := $(abspath .cache/ansible/home)
 
 .PHONY: help host-packages venv constraints fetch images lint test test-unit test-integration test-molecule test-pipeline test-full \
-        lab lab-status lab-shell lab-down bench chaos clean role-docs
+        lab lab-status lab-shell lab-down vagrant-smoke bench chaos clean role-docs
 
 help:
 	@echo "make test        lint + unit + integration (real Kafka/ES) + a Molecule scenario per role (what CI runs)"
 	@echo "make test-full   test + the end-to-end pipeline scenario (molecule/pipeline); make test-pipeline runs it alone"
 	@echo "make lab         bring up the multi-host lab and deploy site.yml; lab-status, lab-shell HOST=, lab-down"
+	@echo "make vagrant-smoke  site.yml on a real VM (local box, libvirt, emulation): checks, then destroy; ~1 h, not in CI"
 	@echo "make bench       benchmarks against ceilings measured in the same run"
 	@echo "make chaos       chaos suite: kills, outages, rebalances, poison; checks lost=0 duplicated=0"
 	@echo "make role-docs   rewrite the roles' README tables and defaults comments from meta/argument_specs.yml"
@@ -94,6 +95,11 @@ lab-shell:
 
 lab-down:
 	scripts/lab.sh down
+
+# One all-in-one VM from a locally built box, booted by Vagrant + libvirt (software emulation),
+# converged by site.yml, proven, destroyed (scripts/vagrant-smoke.sh, docs/LAB.md). Needs root.
+vagrant-smoke: host-packages venv fetch
+	scripts/vagrant-smoke.sh
 
 bench: host-packages venv fetch
 	$(PY) -m bench

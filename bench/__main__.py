@@ -1,12 +1,14 @@
 """``python -m bench``: run every benchmark once, print the table, write the report files.
 
-    python -m bench                 # the recorded run (make bench), ~8 min on 2 cores
+    python -m bench                 # the recorded run (make bench), ~15-20 min on 2 cores
     python -m bench --quick         # small sizes for iterating (numbers are noisier)
     python -m bench --profile       # also py-spy profiles of the consumer and the producer
     python -m bench --no-write      # print only; keep docs/BENCHMARKS.md and results.json
     python -m bench --security-only # only the TLS+SCRAM vs plaintext ratios (own block/file)
-    python -m bench --peer-only     # only rsyslog vs logpipe consume, speed and kill -9 (own
-                                    # block of docs/BENCHMARKS.md; its keys in results.json)
+    python -m bench --peer-only     # only rsyslog vs logpipe consume: speed, latency and
+                                    # kill -9 (own block of docs/BENCHMARKS.md; its keys in
+                                    # results.json)
+    python -m bench --skip peer --skip security --skip scaling   # the quick loop of the rest
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import core, measure, peer, report, security
+from bench import core, measure, peer, report, scaling, security
 from bench.core import BenchPipeline, log, new_name
 from logpipe.config import ConsumerConfig
+from logpipe.generator import LogGenerator
 from logpipe.producer import produce
 
 
@@ -40,15 +43,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--poll-timeout", type=float,
                    help="consumer poll_timeout_s (default: the package default)")
     p.add_argument("--rounds", type=int, default=3, help="consumer runs (each between ceilings)")
-    p.add_argument("--latency-rate", type=float, default=1000.0)
-    p.add_argument("--latency-duration", type=float, help="seconds of paced production")
+    p.add_argument("--latency-rate", type=float, default=1000.0,
+                   help="produce rate of the end-to-end latency run (and rsyslog's beside it)")
+    p.add_argument("--latency-rate-high", type=float, default=5000.0,
+                   help="produce rate of the second latency run (the e2e_*_5k_s keys; 0: none)")
+    p.add_argument("--latency-duration", type=float,
+                   help="seconds of paced production per latency run (default 40, --quick 20)")
+    p.add_argument("--scaling-docs", type=int,
+                   help="backlog of the scaling line, 1/2/4 consumers (default 60,000; "
+                        "--quick 30,000)")
     p.add_argument("--profile", action="store_true", help="py-spy the consumer and producer")
     p.add_argument("--sweep", action="store_true",
                    help="only the consumer-vs-ceiling comparison over several settings "
                         "(batch size, bulk concurrency, consumers, refresh interval, "
                         "streaming_bulk); writes bench/sweep.json")
     p.add_argument("--skip", action="append", default=[],
-                   choices=["producer", "consumer", "seed", "latency", "security", "peer"])
+                   choices=["producer", "consumer", "scaling", "seed", "latency", "security",
+                            "peer"])
     p.add_argument("--security-only", action="store_true",
                    help="only the producer/consumer cost of TLS+SCRAM+HTTPS against plaintext "
                         "(writes bench/security.json and its own block of docs/BENCHMARKS.md)")
@@ -65,7 +76,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="alternating rsyslog/logpipe rounds of the peer comparison")
     p.add_argument("--peer-kill-docs", type=int,
                    help="backlog of the peer kill test (default 300,000; --quick 100,000: "
-                        "rsyslog must still be reading after its first commit, 5 s in)")
+                        "rsyslog must still be reading after its first commit, 5 s in; "
+                        "0: no kill test)")
     p.add_argument("--peer-kill-only", action="store_true",
                    help="with --peer-only: only the kill test; its keys replace the kill "
                         "figures of the last peer run in bench/results.json")
@@ -81,7 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     producer_msgs = args.producer_msgs or (30_000 if quick else 50_000)
     consumer_docs = args.consumer_docs or (20_000 if quick else 40_000)
     latency_duration = args.latency_duration or (20.0 if quick else 40.0)
+    args.latency_duration = latency_duration
+    scaling_docs = args.scaling_docs or (30_000 if quick else 60_000)
     began = time.monotonic()
+    sections: dict[str, float] = {}  # seconds per part (in the run's meta: what costs time)
+    lap_at = [began]
+
+    def lap(name: str) -> None:
+        now = time.monotonic()
+        sections[name] = round(now - lap_at[0], 1)
+        lap_at[0] = now
+
     started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load_before = measure.loadavg()
     command = "make bench" if argv is None and len(sys.argv) == 1 else \
@@ -92,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         return security_only(args, workdir, producer_msgs, consumer_docs, command, started_at,
                              began, load_before)
     peer_docs = args.peer_docs or (50_000 if quick else 100_000)
-    args.peer_kill_docs = args.peer_kill_docs or (100_000 if quick else 300_000)
+    if args.peer_kill_docs is None:
+        args.peer_kill_docs = 100_000 if quick else 300_000
     if args.peer_only:
         return peer_only(args, workdir, peer_docs, command, started_at, began, load_before)
     with core.servers(brokers=1) as (kafka, es):
         log(f"servers up: kafka {kafka.bootstrap_servers}, es {es.url}")
+        lap("servers")
         pipe = BenchPipeline(kafka, es, workdir, "bench", partitions=6)
         # The package defaults for what matters here (shards, refresh, batch, prefetch), the
         # harness's names and addresses. One node: replicas could not be allocated anyway.
@@ -124,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             results["producer"] = dataclasses.asdict(pf)
             if args.profile:
                 results["producer"]["profile"] = profile_producer(pipe, workdir, producer_msgs)
+        lap("producer")
 
         # -- consumer vs. raw _bulk ----------------------------------------------------------
         # Its own topic, filled by the real producer, read back: the ceiling posts exactly the
@@ -140,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         measure.ensure_index_template(cfg, warm)
         measure.bulk_ceiling(es.http_port, measure.build_bodies(
             messages[:20_000], warm, args.batch_size, args.bulk_concurrency), es_pgid)
+        lap("backlog and warm-up")
         if args.sweep:
             results["sweep"] = sweep(pipe, cfg, messages, es_pgid, backlog_topic)
             (core.REPO / "bench" / "sweep.json").write_text(
@@ -166,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
                     results["consumer"][f"profiled_{kind}_docs_per_s"] = pf2.steady_docs_per_s
                     log(f"profile ({kind}) written: {prof}")
         del messages
+        lap("consumer")
+
+        # -- scaling: 1, 2, 4 consumers ------------------------------------------------------
+        if "scaling" not in args.skip:
+            log(f"scaling: {'/'.join(map(str, scaling.COUNTS))} consumers, backlog "
+                f"{scaling_docs:,} documents")
+            results["scaling"] = [dataclasses.asdict(r) for r in scaling.run(
+                pipe, cfg, LogGenerator(seed=17).messages(scaling_docs), es_pgid,
+                batch_size=args.batch_size)]
+        lap("scaling")
 
         # -- the seed's design ----------------------------------------------------------------
         if "seed" not in args.skip:
@@ -175,32 +211,48 @@ def main(argv: list[str] | None = None) -> int:
                                          topic=backlog_topic)
             log(f"seed design: {sf.docs} docs in {sf.run_s:.1f}s -> {sf.docs_per_s:.1f} docs/s")
             results["seed"] = dataclasses.asdict(sf)
+        lap("seed")
 
         # -- end-to-end latency --------------------------------------------------------------
+        # logpipe at 1,000 logs/s, rsyslog at the same rate right after it (the peer's figure,
+        # next to logpipe's in time), then logpipe at 5,000 logs/s.
+        peer_latency: dict[str, dict[str, Any]] | None = None
         if "latency" not in args.skip:
-            lat_topic, lat_index = new_name("bench-lat"), new_name("bench-lat")
-            measure.ensure_topic(cfg, lat_topic)
-            measure.ensure_index_template(cfg, lat_index)
-            log(f"latency: {args.latency_rate:.0f} logs/s for {latency_duration:.0f}s")
-            lf = measure.run_latency(pipe, cfg, topic=lat_topic, group=new_name("bench-lat"),
-                                     index=lat_index, rate=args.latency_rate,
-                                     duration=latency_duration)
-            log(f"latency: p50 {lf.p50_s:.3f}s p99 {lf.p99_s:.3f}s ({lf.samples} samples)")
+            log(f"latency: {args.latency_rate:,.0f} logs/s for {latency_duration:.0f}s")
+            lf = peer.logpipe_latency(pipe, cfg, rate=args.latency_rate,
+                                      duration=latency_duration)
+            peer.log_latency("logpipe", lf)
             results["latency"] = dataclasses.asdict(lf)
+            if "peer" not in args.skip:
+                rl = peer.rsyslog_latency(pipe, cfg, workdir, rate=args.latency_rate,
+                                          duration=latency_duration)
+                peer.log_latency("rsyslog", rl)
+                peer_latency = {"rsyslog": dataclasses.asdict(rl), "logpipe": results["latency"]}
+            if args.latency_rate_high > 0:
+                lf = peer.logpipe_latency(pipe, cfg, rate=args.latency_rate_high,
+                                          duration=latency_duration)
+                peer.log_latency("logpipe", lf)
+                results["latency_5k"] = dataclasses.asdict(lf)
+        lap("latency")
 
         # -- what security costs -------------------------------------------------------------
         if "security" not in args.skip:
             results["security"] = dataclasses.asdict(
                 security_part(pipe, workdir, args, producer_msgs, consumer_docs))
+        lap("security")
 
         # -- a peer: rsyslog -------------------------------------------------------------------
         if "peer" not in args.skip:
             results["peer"] = dataclasses.asdict(peer.run(
                 pipe, cfg, workdir, backlog=peer_docs, rounds=args.peer_rounds,
-                batch_size=args.batch_size, kill_backlog=args.peer_kill_docs))
+                batch_size=args.batch_size, kill_backlog=args.peer_kill_docs,
+                latency_rate=args.latency_rate, latency_duration=latency_duration,
+                latency=peer_latency))
+        lap("peer")
 
     results["meta"] = {
         "date": started_at, "command": command, "seconds": round(time.monotonic() - began, 1),
+        "sections_s": sections,
         "loadavg_before": load_before, "loadavg_after": measure.loadavg(),
         "machine": report.machine(), "versions": versions, "python": platform.python_version(),
         "quick": quick, "workdir": str(workdir)}
@@ -208,14 +260,18 @@ def main(argv: list[str] | None = None) -> int:
         results["peer"]["meta"] = results["peer"]["kill_meta"] = results["meta"]
     flat = report.flatten(results)
     print(report.table(flat, results))
+    if "scaling" in results:
+        print("\n" + scaling.table(results["scaling"]))
     if "security" in results:
         print_security(results["security"])
     if "peer" in results:
         print_peer(results["peer"])
+    print("\n" + report.targets_text(flat))
+    log("seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in sections.items())
+        + f"; {results['meta']['seconds']:.0f} in total")
     if not args.no_write:
         (core.REPO / "bench" / "results.json").write_text(
-            json.dumps({**flat, "details": results}, indent=2, sort_keys=True, default=str)
-            + "\n")
+            record_json({**flat, "details": results}))
         report.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", flat, results)
         if "security" in results:
             write_security(results["security"], results["meta"])
@@ -288,7 +344,8 @@ def peer_only(args: argparse.Namespace, workdir: Path, peer_docs: int, command: 
         else:
             figures = dataclasses.asdict(peer.run(
                 pipe, cfg, workdir, backlog=peer_docs, rounds=args.peer_rounds,
-                batch_size=args.batch_size, kill_backlog=args.peer_kill_docs))
+                batch_size=args.batch_size, kill_backlog=args.peer_kill_docs,
+                latency_rate=args.latency_rate, latency_duration=args.latency_duration))
     meta = {"date": started_at, "command": command, "seconds": round(time.monotonic() - began, 1),
             "loadavg_before": load_before, "loadavg_after": measure.loadavg(),
             "quick": args.quick}
@@ -308,7 +365,7 @@ def peer_only(args: argparse.Namespace, workdir: Path, peer_docs: int, command: 
         # stay as that run left them).
         saved.update(peer.flat(figures))
         saved.setdefault("details", {})["peer"] = figures
-        path.write_text(json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n")
+        path.write_text(record_json(saved))
         peer.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", figures)
         log("wrote the peer keys of bench/results.json and the peer block of "
             "docs/BENCHMARKS.md")
@@ -316,19 +373,28 @@ def peer_only(args: argparse.Namespace, workdir: Path, peer_docs: int, command: 
 
 
 def print_peer(figures: dict[str, Any]) -> None:
-    for figure, value, detail in peer.rows(figures):
-        print(f"{figure:<44} {value:<30} {detail}")
+    rows = peer.rows(figures)
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    print()
+    for figure, value, detail in rows:
+        print(f"{figure:<{w0}}  {value:<{w1}}  {detail}".rstrip())
 
 
 def print_security(figures: dict[str, Any]) -> None:
+    print()
     for figure, value, detail in security.rows(figures):
         print(f"{figure:<44} {value:<14} {detail}")
 
 
+def record_json(data: Any) -> str:
+    """A committed record: paths under the checkout relative to it (no machine's paths)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    return text.replace(json.dumps(str(core.REPO) + "/")[1:-1], "")
+
+
 def write_security(figures: dict[str, Any], meta: dict[str, Any]) -> None:
     figures = {**figures, "meta": {**figures.get("meta", {}), **meta}}
-    (core.REPO / "bench" / "security.json").write_text(
-        json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n")
+    (core.REPO / "bench" / "security.json").write_text(record_json(figures))
     security.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", figures)
 
 

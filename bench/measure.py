@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import math
 import os
 import signal
 import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -198,12 +199,13 @@ class BulkFigures:
 class _Poster:
     """One persistent HTTP/1.1 connection posting NDJSON bodies to /_bulk."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, filter_path: str = "errors") -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         self.errors = 0
+        self.path = f"/_bulk?filter_path={filter_path}"
 
     def post(self, body: bytes) -> None:
-        self.conn.request("POST", "/_bulk?filter_path=errors", body,
+        self.conn.request("POST", self.path, body,
                           {"Content-Type": "application/x-ndjson"})
         resp = self.conn.getresponse()
         data = resp.read()
@@ -214,11 +216,13 @@ class _Poster:
         self.conn.close()
 
 
-def bulk_ceiling(port: int, batches: list[list[bytes]], es_pgid: int | None) -> BulkFigures:
+def bulk_ceiling(port: int, batches: list[list[bytes]], es_pgid: int | None, *,
+                 filter_path: str = "errors") -> BulkFigures:
     """Post pre-built batches; within a batch its bodies go in parallel (one connection each),
-    the next batch starts when all are answered (like the consumer's bulk_concurrency)."""
+    the next batch starts when all are answered (like the consumer's bulk_concurrency).
+    ``filter_path`` is the answer asked for (the consumer's, to compare what an answer costs)."""
     width = max(len(b) for b in batches)
-    posters = [_Poster(port) for _ in range(width)]
+    posters = [_Poster(port, filter_path) for _ in range(width)]
     docs = sum(body.count(b"\n") for batch in batches for body in batch) // 2
     cpu0 = group_cpu_seconds(es_pgid) if es_pgid else 0.0
     started = time.monotonic()
@@ -230,6 +234,37 @@ def bulk_ceiling(port: int, batches: list[list[bytes]], es_pgid: int | None) -> 
         with ThreadPoolExecutor(width) as pool:
             for batch in batches:
                 list(pool.map(lambda pb: pb[0].post(pb[1]), zip(posters, batch, strict=False)))
+    elapsed = time.monotonic() - started
+    cpu = (group_cpu_seconds(es_pgid) - cpu0) if es_pgid else 0.0
+    for p in posters:
+        p.close()
+    return BulkFigures(docs, elapsed, sum(p.errors for p in posters), cpu)
+
+
+def bulk_ceiling_streams(port: int, bodies: Sequence[bytes], inflight: int,
+                         es_pgid: int | None) -> BulkFigures:
+    """Post pre-built bodies with ``inflight`` requests in flight at all times: that many
+    connections, each taking the next body as soon as its previous answer is in (no barrier
+    between them: the ceiling of ``inflight`` independent consumers, one request each)."""
+    if inflight <= 1:
+        return bulk_ceiling(port, [[b] for b in bodies], es_pgid)
+    posters = [_Poster(port) for _ in range(inflight)]
+    docs = sum(body.count(b"\n") for body in bodies) // 2
+    todo = iter(bodies)
+    lock = threading.Lock()
+
+    def drain(poster: _Poster) -> None:
+        while True:
+            with lock:
+                body = next(todo, None)
+            if body is None:
+                return
+            poster.post(body)
+
+    cpu0 = group_cpu_seconds(es_pgid) if es_pgid else 0.0
+    started = time.monotonic()
+    with ThreadPoolExecutor(inflight) as pool:
+        list(pool.map(drain, posters))
     elapsed = time.monotonic() - started
     cpu = (group_cpu_seconds(es_pgid) - cpu0) if es_pgid else 0.0
     for p in posters:
@@ -251,8 +286,9 @@ def ensure_index_template(cfg: Config, index_prefix: str, **settings: Any) -> No
         es.close()
 
 
-def ensure_topic(cfg: Config, topic: str) -> None:
-    kcfg = cfg.replace("kafka", topic=topic, dlq_topic=f"{topic}.dlq").kafka
+def ensure_topic(cfg: Config, topic: str, partitions: int | None = None) -> None:
+    kcfg = cfg.replace("kafka", topic=topic, dlq_topic=f"{topic}.dlq",
+                       partitions=partitions or cfg.kafka.partitions).kafka
     admin.bootstrap_kafka(kcfg)
 
 
@@ -305,15 +341,25 @@ class ConsumerFigures:
     batch_seconds_p50: float
     log_path: str
     profile: dict[str, Any] = field(default_factory=dict)
+    # With ``fill``: Elasticsearch's documents from the end of the fill to the last commit,
+    # per second (every process joined and assigned, the producer done; see run_consumer).
+    window_docs_per_s: float | None = None
 
 
 def run_consumer(pipeline: BenchPipeline, *, group: str, index: str, expected: int,
                  es_pgid: int | None, timeout: float = 600.0, topic: str | None = None,
                  profile_to: Path | None = None, profile_idle: bool = True,
-                 processes: int = 1, **settings: Any) -> ConsumerFigures:
+                 processes: int = 1, fill: Callable[[], None] | None = None,
+                 partitions: int = 0, **settings: Any) -> ConsumerFigures:
     """``logpipe consume`` (service mode) as ``processes`` subprocesses in one group over a
     backlog of ``expected`` messages; stopped with SIGTERM once every one is committed. VmHWM is
-    read from /proc before that (the largest of the processes)."""
+    read from /proc before that (the largest of the processes).
+
+    With ``fill``, the topic starts empty: once the group is stable with every process a member
+    and all ``partitions`` assigned, ``fill()`` writes the backlog, and ``window_docs_per_s``
+    is the rate from its end on (Elasticsearch's ``index_total`` of the run's indices then, up
+    to the last commit): no process start-up, group join or rebalance in it, and no producer
+    competing for the CPU."""
     env = pipeline.consumer_env(group=group, index=index, **settings)
     if topic:
         env["LOGPIPE_KAFKA_TOPIC"] = topic
@@ -328,7 +374,13 @@ def run_consumer(pipeline: BenchPipeline, *, group: str, index: str, expected: i
         spy = start_py_spy(procs[0].pid, profile_to, idle=profile_idle)
     done = 0
     cpu = 0.0
+    filled: tuple[float, int] | None = None  # (wall time, documents indexed) after the fill
     try:
+        if fill is not None:
+            wait_group_ready(pipeline.admin, group, topic or pipeline.topic, partitions,
+                             members=processes, timeout=120, alive=procs)
+            fill()
+            filled = (time.time(), es_index_total(pipeline.es_node.http_port, f"{index}-*"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for p in procs:
@@ -366,6 +418,8 @@ def run_consumer(pipeline: BenchPipeline, *, group: str, index: str, expected: i
         batches=len(events),
         batch_seconds_p50=statistics.median(float(e["seconds"]) for e in events),
         log_path=str(procs[0].log_path))
+    if filled is not None and stamps:
+        figures.window_docs_per_s = window_rate(expected - filled[1], filled[0], stamps[-1])
     if profile_to is not None and profile_to.exists():
         from bench.profiling import summarize
 
@@ -450,6 +504,7 @@ class LatencyFigures:
     indexed_p99_s: float
     poll_interval_s: float
     refresh_interval: str
+    sampled_per_256: int = 8  # logs followed: those whose log_id's last byte is below this
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -457,6 +512,14 @@ def _pct(values: Sequence[float], q: float) -> float:
         return float("nan")
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def _indexed_at(hit: dict[str, Any]) -> float:
+    """The document's ``indexed_at`` in epoch seconds (NaN if missing or not ISO 8601)."""
+    try:
+        return parse_ts(hit["_source"]["indexed_at"])
+    except (KeyError, TypeError, ValueError):
+        return float("nan")
 
 
 class _VisibilityPoller:
@@ -495,29 +558,62 @@ class _VisibilityPoller:
                     for h in hits:
                         produced = self.pending.pop(h["_id"], None)
                         if produced is not None:
-                            self.seen.append((produced, parse_ts(h["_source"]["indexed_at"]),
-                                              visible))
+                            self.seen.append((produced, _indexed_at(h), visible))
             self.stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
 
 
+# About 31 sampled logs a second whatever the rate (1 in 32 at 1,000 logs/s): the poller's
+# ``ids`` query stays a few dozen ids (see _VisibilityPoller; more starved the indexing it timed).
+SAMPLES_PER_S = 31.25
+
+
+def sample_share(rate: float) -> int:
+    """How many of the 256 values of a log_id's last byte (random in a UUIDv7) are followed:
+    about SAMPLES_PER_S a second at ``rate`` logs/s, at least 1, at most all."""
+    return max(1, min(256, round(256 * SAMPLES_PER_S / rate)))
+
+
+def sampled(log_id: str, share: int) -> bool:
+    return int(log_id[-2:], 16) < share
+
+
 def run_latency(pipeline: BenchPipeline, cfg: Config, *, topic: str, group: str, index: str,
-                rate: float, duration: float, warmup: float = 5.0, sample_every: int = 32,
+                rate: float, duration: float, warmup: float = 5.0,
                 poll_interval: float = 0.05, **settings: Any) -> LatencyFigures:
-    """The real producer at ``rate`` logs/s (subprocess, rate mode) into an empty topic while a
-    consumer (service mode) runs; sampled ids are followed from the topic to the search."""
+    """End-to-end latency of ``logpipe consume`` (service mode), see measure_latency."""
     env = pipeline.consumer_env(group=group, index=index, **settings)
     env["LOGPIPE_KAFKA_TOPIC"] = topic
     env["LOGPIPE_KAFKA_DLQ_TOPIC"] = f"{topic}.dlq"
-    consumer = pipeline.spawn("consume", env=env, log_name=f"consume-latency-{index}")
+
+    def start() -> Spawned:
+        return pipeline.spawn("consume", env=env, log_name=f"consume-latency-{index}")
+
+    def ready(consumer: Spawned) -> None:
+        consumer.wait_for_event("ready", timeout=120)
+        wait_assigned(consumer, cfg.kafka.partitions, timeout=60)
+
+    return measure_latency(pipeline, cfg, topic=topic, index=index, rate=rate,
+                           duration=duration, start=start, ready=ready, warmup=warmup,
+                           poll_interval=poll_interval)
+
+
+def measure_latency(pipeline: BenchPipeline, cfg: Config, *, topic: str, index: str,
+                    rate: float, duration: float, start: Callable[[], Spawned],
+                    ready: Callable[[Spawned], None], warmup: float = 5.0,
+                    poll_interval: float = 0.05) -> LatencyFigures:
+    """The real producer at ``rate`` logs/s (subprocess, rate mode) into an empty topic while a
+    sink (``start()``, then ``ready(sink)`` returns once it is assigned the topic) runs; sampled
+    ids are followed from the topic to the search. The same for every sink: logpipe, rsyslog."""
+    sink = start()
     tail = Consumer({"bootstrap.servers": cfg.kafka.bootstrap_servers,
                      "group.id": f"bench-tail-{time.time_ns()}", "enable.auto.commit": False,
                      "fetch.wait.max.ms": 10})
     poller = _VisibilityPoller(pipeline.es_node.http_port, f"{index}-*", poll_interval)
     producer: subprocess.Popen[str] | None = None
     produced = 0
+    share = sample_share(rate)
     try:
-        consumer.wait_for_event("ready", timeout=120)
-        wait_assigned(consumer, cfg.kafka.partitions, timeout=60)
+        ready(sink)
         parts = sorted(tail.list_topics(topic, timeout=10).topics[topic].partitions)
         tail.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         poller.thread.start()
@@ -530,9 +626,9 @@ def run_latency(pipeline: BenchPipeline, cfg: Config, *, topic: str, group: str,
         deadline = time.monotonic() + duration + 60
         while time.monotonic() < deadline:
             msgs = tail.consume(2000, 0.05)
-            keys = [m.key().decode() for m in msgs if m.error() is None and m.key()]
+            keys = [k.decode() for m in msgs if m.error() is None and (k := m.key())]
             produced += len(keys)
-            poller.add([k for k in keys if int(k[-2:], 16) % sample_every == 0])
+            poller.add([k for k in keys if sampled(k, share)])
             if producer.poll() is not None and not msgs:
                 break
         _out, err = producer.communicate(timeout=60)
@@ -547,17 +643,18 @@ def run_latency(pipeline: BenchPipeline, cfg: Config, *, topic: str, group: str,
         if producer is not None and producer.poll() is None:
             producer.kill()
         tail.close()
-        terminate(consumer)
+        terminate(sink)
     cutoff_ms = (start_wall + warmup) * 1000
     kept = [s for s in poller.seen if s[0] >= cutoff_ms]
     lat = [vis - p / 1000 for p, _ia, vis in kept]
-    idx = [ia - p / 1000 for p, ia, _vis in kept]
+    idx = [ia - p / 1000 for p, ia, _vis in kept if not math.isnan(ia)]
     return LatencyFigures(
         rate=rate, duration_s=duration, produced=produced, samples=len(lat),
         not_seen=len(poller.pending), p50_s=_pct(lat, 0.5), p90_s=_pct(lat, 0.9),
         p99_s=_pct(lat, 0.99), max_s=max(lat) if lat else float("nan"),
         indexed_p50_s=_pct(idx, 0.5), indexed_p99_s=_pct(idx, 0.99),
-        poll_interval_s=poll_interval, refresh_interval=cfg.elasticsearch.refresh_interval)
+        poll_interval_s=poll_interval, refresh_interval=cfg.elasticsearch.refresh_interval,
+        sampled_per_256=share)
 
 
 def wait_assigned(spawned: Spawned, partitions: int, timeout: float) -> None:
@@ -570,6 +667,56 @@ def wait_assigned(spawned: Spawned, partitions: int, timeout: float) -> None:
             raise RuntimeError(f"consumer exited: {spawned.log()[-2000:]}")
         time.sleep(0.1)
     raise RuntimeError(f"consumer not assigned {partitions} partitions in {timeout:.0f}s")
+
+
+def window_rate(docs: int, start: float, end: float) -> float:
+    """``docs`` over ``end - start`` seconds (NaN for an empty or inverted window)."""
+    return docs / (end - start) if end > start and docs > 0 else float("nan")
+
+
+def group_ready(stable: bool, assignments: Iterable[Iterable[tuple[str, int]]], topic: str,
+                partitions: int, members: int) -> bool:
+    """A group is ready to measure: stable, ``members`` members, each owning at least one
+    partition of ``topic``, and all ``partitions`` of it owned between them."""
+    owned = [{p for t, p in a if t == topic} for a in assignments]
+    return (stable and len(owned) == members and all(owned)
+            and set().union(*owned) == set(range(partitions)))
+
+
+def wait_group_ready(admin: Any, group: str, topic: str, partitions: int, *, members: int,
+                     timeout: float, alive: Sequence[Spawned] = ()) -> None:
+    """Wait (AdminClient.describe_consumer_groups) until ``group_ready``: the same test for
+    logpipe's consumers and for rsyslog's imkafka, which logs nothing when it is assigned."""
+    from confluent_kafka import ConsumerGroupState
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        desc = admin.describe_consumer_groups([group])[group].result(timeout=15)
+        assignments = [[(tp.topic, tp.partition) for tp in m.assignment.topic_partitions]
+                       for m in desc.members]
+        if group_ready(desc.state == ConsumerGroupState.STABLE, assignments, topic,
+                       partitions, members):
+            return
+        for p in alive:
+            if p.proc.poll() is not None:
+                raise RuntimeError(f"exited {p.proc.returncode} before the group was ready:\n"
+                                   f"{p.log()[-3000:]}")
+        time.sleep(0.2)
+    raise RuntimeError(f"group {group}: not {members} member(s) owning the {partitions} "
+                       f"partitions of {topic} within {timeout:.0f}s")
+
+
+def es_index_total(port: int, pattern: str) -> int:
+    """Documents indexed into ``pattern`` so far (``_stats/indexing`` index_total, primaries)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", f"/{pattern}/_stats/indexing"
+                            "?filter_path=_all.primaries.indexing.index_total")
+        body = orjson.loads(conn.getresponse().read() or b"{}")
+        return int(body.get("_all", {}).get("primaries", {}).get("indexing", {})
+                   .get("index_total", 0))
+    finally:
+        conn.close()
 
 
 def es_count(port: int, pattern: str) -> int:

@@ -11,6 +11,10 @@ Speed is measured the same way for both, from Elasticsearch's side: the indexing
 from the first sample with documents to the first with all of them (start-up and the group join
 excluded, like logpipe's own batch_committed-based figure, which is reported beside it).
 
+End-to-end latency, the same way for both (``measure.measure_latency``): the real producer at
+1,000 logs/s into an empty topic once the sink's group owns it, sampled log_ids followed from
+the topic until a search finds them.
+
 The kill test: each sink once more on a fresh group and index, ``kill -9`` mid-stream (once 40 %
 of the backlog is indexed, right after its group's committed offsets next move), restarted, left
 to finish (its group's committed offsets at the end of every partition, no document indexed for
@@ -20,6 +24,7 @@ duplicated = documents beyond one per key.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import os
 import shutil
@@ -91,6 +96,9 @@ class PeerFigures:
     rounds: int
     rsyslog_version: str
     kills: list[KillRun] = field(default_factory=list)
+    # End-to-end latency at the same produce rate: {"rsyslog": ..., "logpipe": ...}, each a
+    # measure.LatencyFigures as a dict.
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # the speed rounds' run
     kill_meta: dict[str, Any] = field(default_factory=dict)  # the kill test's run
 
@@ -268,6 +276,45 @@ def run_logpipe(pipe: BenchPipeline, cfg: Any, *, topic: str, expected: int,
 
 
 # ---------------------------------------------------------------------------------------------
+# end-to-end latency
+
+
+def rsyslog_latency(pipe: BenchPipeline, cfg: Any, workdir: Path, *, rate: float,
+                    duration: float) -> measure.LatencyFigures:
+    """rsyslog with the template of the speed runs on an empty topic: ready once imkafka's group
+    is stable and owns every partition, then the producer at ``rate``."""
+    topic, index, group = (new_name("bench-peer-lat"), new_name("bench-peer-lat-rsyslog"),
+                           new_name("bench-peer-lat-rsyslog"))
+    measure.ensure_topic(cfg, topic)
+    measure.ensure_index_template(cfg, index)
+    conf = render_config(workdir / "peer" / index, topic=topic,
+                         broker=pipe.kafka.bootstrap_servers, group=group, index_prefix=index,
+                         es_port=pipe.es_node.http_port)
+
+    def ready(daemon: Spawned) -> None:
+        measure.wait_group_ready(pipe.admin, group, topic, cfg.kafka.partitions, members=1,
+                                 timeout=120, alive=[daemon])
+
+    return measure.measure_latency(pipe, cfg, topic=topic, index=index, rate=rate,
+                                   duration=duration, start=lambda: start_rsyslog(conf),
+                                   ready=ready)
+
+
+def logpipe_latency(pipe: BenchPipeline, cfg: Any, *, rate: float,
+                    duration: float) -> measure.LatencyFigures:
+    topic, index = new_name("bench-lat"), new_name("bench-lat")
+    measure.ensure_topic(cfg, topic)
+    measure.ensure_index_template(cfg, index)
+    return measure.run_latency(pipe, cfg, topic=topic, group=new_name("bench-lat"),
+                               index=index, rate=rate, duration=duration)
+
+
+def log_latency(who: str, lf: measure.LatencyFigures) -> None:
+    log(f"latency {who} at {lf.rate:,.0f} logs/s: p50 {lf.p50_s:.3f}s p99 {lf.p99_s:.3f}s "
+        f"({lf.samples} samples, {lf.not_seen} not seen)")
+
+
+# ---------------------------------------------------------------------------------------------
 # kill -9 mid-stream
 
 
@@ -355,8 +402,12 @@ def _backlog(cfg: Any, docs: int, seed: int) -> str:
 
 
 def run(pipe: BenchPipeline, cfg: Any, workdir: Path, *, backlog: int, rounds: int,
-        batch_size: int, kill_backlog: int = 0) -> PeerFigures:
-    """``rounds`` alternating speed rounds, then (``kill_backlog`` > 0) the kill test."""
+        batch_size: int, kill_backlog: int = 0, latency_rate: float = 1000.0,
+        latency_duration: float = 0.0,
+        latency: dict[str, dict[str, Any]] | None = None) -> PeerFigures:
+    """``rounds`` alternating speed rounds, then the end-to-end latency of each (``latency``
+    when the caller measured it already, else rsyslog's then logpipe's when
+    ``latency_duration`` > 0), then (``kill_backlog`` > 0) the kill test."""
     rundir = workdir / "peer"
     topic = _backlog(cfg, backlog, seed=11)
     # Warm-up, untimed: one run of each (Elasticsearch's JIT and first index creations,
@@ -388,6 +439,14 @@ def run(pipe: BenchPipeline, cfg: Any, workdir: Path, *, backlog: int, rounds: i
                                              if r.sink == "logpipe"),
         consumer_vs_rsyslog=statistics.fmean(ratios), ratios=ratios, runs=runs, backlog=backlog,
         rounds=rounds, rsyslog_version=rsyslog_version())
+    if latency is not None:
+        figures.latency = latency
+    elif latency_duration > 0:
+        rl = rsyslog_latency(pipe, cfg, workdir, rate=latency_rate, duration=latency_duration)
+        log_latency("rsyslog", rl)
+        ll = logpipe_latency(pipe, cfg, rate=latency_rate, duration=latency_duration)
+        log_latency("logpipe", ll)
+        figures.latency = {"rsyslog": dataclasses.asdict(rl), "logpipe": dataclasses.asdict(ll)}
     if kill_backlog > 0:
         figures.kills = kill_test(pipe, cfg, workdir, backlog=kill_backlog,
                                   batch_size=batch_size)
@@ -429,6 +488,10 @@ def flat(f: dict[str, Any]) -> dict[str, Any]:
         "consumer_vs_rsyslog": round(f["consumer_vs_rsyslog"], 3),
         "peer_backlog_docs": f["backlog"],
     }
+    for sink, lf in (f.get("latency") or {}).items():
+        name = "peer_consumer" if sink == "logpipe" else "rsyslog"
+        out[f"{name}_e2e_p50_s"] = _round(lf["p50_s"])
+        out[f"{name}_e2e_p99_s"] = _round(lf["p99_s"])
     for k in f.get("kills", []):
         name = "consumer" if k["sink"] == "logpipe" else "rsyslog"
         out[f"{name}_lost"] = k["lost"]
@@ -454,6 +517,15 @@ def rows(f: dict[str, Any]) -> list[tuple[str, str, str]]:
          "per round " + " / ".join(f"{x:.2f}" for x in f["ratios"]) + " (target >= 1.2x)"),
         ("peak RSS rsyslog / logpipe", f"{hwm['rsyslog']:.0f} / {hwm['logpipe']:.0f} MiB", ""),
     ]
+    for sink in ("rsyslog", "logpipe"):
+        lf = (f.get("latency") or {}).get(sink)
+        if lf:
+            out.append((f"{sink}: end-to-end p50 / p99 at {lf['rate']:,.0f} logs/s",
+                        f"{_s(lf['p50_s'])} / {_s(lf['p99_s'])} s",
+                        f"produced -> searchable; p90 {_s(lf['p90_s'])} s, max "
+                        f"{_s(lf['max_s'])} s, {lf['samples']:,} samples"
+                        + (f", {lf['not_seen']} never seen" if lf.get("not_seen") else "")
+                        + f"; produced -> indexed_at p50 {_s(lf['indexed_p50_s'])} s"))
     for k in f.get("kills", []):
         out.append((f"{k['sink']}: one kill -9 mid-stream + restart "
                     f"({k['expected']:,} docs backlog)",
@@ -464,6 +536,14 @@ def rows(f: dict[str, Any]) -> list[tuple[str, str, str]]:
                        else ": after the end, not a mid-stream kill")
                     + ")"))
     return out
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or x != x else round(x, 3)  # NaN -> null (JSON has no NaN)
+
+
+def _s(x: float | None) -> str:
+    return "?" if x is None or x != x else f"{x:.3f}"
 
 
 def markdown(f: dict[str, Any]) -> str:

@@ -89,6 +89,13 @@ class ConsumerConfig:
     poll_timeout_s: float = 0.25
     # Bulk requests sent in parallel for one batch (the batch is split into this many chunks).
     bulk_concurrency: int = 1
+    # Batches in hand at once: with 2, the next batch is fetched, built and queued while one is
+    # indexed, so Elasticsearch never waits for the consumer. Memory grows with it (batch_size
+    # messages each); requests in flight stay at most bulk_concurrency.
+    pipeline_depth: int = 2
+    # A batch also closes once its messages hold this many bytes: with pipeline_depth, bounds
+    # the memory in hand when messages are large (batch_size of ~400-byte logs is ~200 KB).
+    max_batch_bytes: int = 16 * 1024 * 1024
     retry_initial_backoff_s: float = 0.5
     retry_max_backoff_s: float = 30.0
     # On SIGTERM: how long to keep trying to finish the batch in hand before closing.
@@ -181,8 +188,9 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 _POSITIVE = {
     ("kafka", "partitions"), ("kafka", "replication_factor"), ("kafka", "min_insync_replicas"),
     ("kafka", "dlq_partitions"), ("elasticsearch", "shards"), ("consumer", "batch_size"),
-    ("consumer", "bulk_concurrency"), ("consumer", "poll_timeout_s"),
-    ("consumer", "max_message_bytes"), ("consumer", "max_bulk_bytes"),
+    ("consumer", "bulk_concurrency"), ("consumer", "pipeline_depth"),
+    ("consumer", "poll_timeout_s"), ("consumer", "max_message_bytes"),
+    ("consumer", "max_bulk_bytes"), ("consumer", "max_batch_bytes"),
     ("producer", "flush_timeout_s"),
     ("elasticsearch", "request_timeout_s"), ("alert", "timeout_s"),
 }

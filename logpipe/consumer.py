@@ -1,9 +1,11 @@
 """`logpipe consume`: Kafka -> Elasticsearch sink, effectively exactly once in Elasticsearch.
 
 At-least-once from Kafka (manual commits of handled offsets only), idempotent in Elasticsearch
-(op type ``create``, ``_id`` = message key, index from the event timestamp). One batch at a time:
-fetch -> bulk -> dead-letter what Elasticsearch rejects -> retry what can be retried (partitions
-paused, still polling) -> commit. See docs/DESIGN.md.
+(op type ``create``, ``_id`` = message key, index from the event timestamp). A pipeline: while
+one batch is indexed the next is fetched, built and queued (``sender.BulkSender``); answers are
+handled oldest first -> dead-letter what Elasticsearch rejects -> hold what can be retried (only
+its partitions paused, ``retries.RetryQueue``) -> commit what is handled, asynchronously. See
+docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -12,29 +14,18 @@ import random
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from elastic_transport import OrjsonSerializer
-from elasticsearch import ApiError, Elasticsearch, TransportError
+from elasticsearch import ApiError, Elasticsearch
 
 from logpipe import log, refusal, sdnotify
-from logpipe.bulk import (
-    BulkOutcome,
-    Doc,
-    Rejected,
-    TooLarge,
-    backoff_s,
-    build_body,
-    classify,
-    make_doc,
-    send_in_parts,
-    split_docs,
-)
+from logpipe.bulk import Doc, Rejected, backoff_s, make_doc
 from logpipe.bulk import now_iso as _now_iso
 from logpipe.config import Config, ConfigError
 from logpipe.dlq import DeadLetter, DeadLetterQueue
@@ -43,7 +34,10 @@ from logpipe.fatal import FatalError, fatal_error, fatal_in
 from logpipe.kafka import RdKafkaLogger, client_config
 from logpipe.metrics import ConsumerMetrics
 from logpipe.offsets import OffsetTracker, PartitionKey, commit_metadata
+from logpipe.ownership import Ownership
 from logpipe.refusal import Refusal
+from logpipe.retries import RetryQueue
+from logpipe.sender import BulkSender, PendingBulk
 
 STATUS_INTERVAL_S = 10.0
 # An idle partition's commit is made again (same offset, fresh time) this often, so `logpipe
@@ -60,8 +54,6 @@ FETCH_SLICE_S = 0.1
 WAIT_SLICE_S = 1.0
 # A run-once invocation (timer) gives up if Kafka/Elasticsearch do not answer within this.
 RUN_ONCE_READY_TIMEOUT_S = 60.0
-# Only the fields classification needs: keeps the response small and cheap to parse.
-BULK_FILTER_PATH = "errors,items.*._id,items.*._index,items.*.status,items.*.error"
 
 
 @dataclass(slots=True)
@@ -75,6 +67,20 @@ class _InHand:
     value: bytes | None
     doc: Doc | None = None
     rejected: Rejected | None = None
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Messages sent together: fresh ones, or the held messages of partitions due for a retry."""
+
+    messages: list[_InHand]
+    retry: bool
+    started: float
+    to_index: list[_InHand]
+    pending: PendingBulk | None
+
+    def done(self) -> bool:
+        return self.pending is None or self.pending.done()
 
 
 class SinkConsumer:
@@ -99,7 +105,6 @@ class SinkConsumer:
         self.ready = threading.Event()
         self.metrics = ConsumerMetrics()
         self._error_throttle = log.Throttle()
-        self.metrics.bulk_cap.set(cfg.consumer.max_bulk_bytes)
         self._stop = threading.Event()
         self._stop_at: float | None = None
         self._consumer = consumer
@@ -107,17 +112,15 @@ class SinkConsumer:
         self._dlq = dlq
         self._rng = rng
         self._tracker = OffsetTracker()
-        self._assigned: set[PartitionKey] = set()
-        self._generation: dict[PartitionKey, int] = {}
-        self._eof: set[PartitionKey] = set()
-        self._carry: list[_InHand] = []
-        self._paused: set[PartitionKey] = set()
+        self._partitions = Ownership()
+        # Partitions held for a retry, with their messages (see retries.py).
+        self._retries: RetryQueue[_InHand] = RetryQueue()
+        # Batches in hand, oldest first: at most consumer.pipeline_depth.
+        self._in_flight: deque[_Batch] = deque()
+        # Fresh (not retry) batches started, for run-once's consumer.max_batches.
+        self._fresh_batches = 0
         self._watchdog = sdnotify.Watchdog()
-        self._pool: ThreadPoolExecutor | None = None
-        # Request size cap (consumer.max_bulk_bytes), lowered by 413 answers until restart.
-        self._bulk_cap = cfg.consumer.max_bulk_bytes
-        self._smallest_refused = 0
-        self._bulk_cap_lock = threading.Lock()
+        self._sender: BulkSender | None = None
         # The first fatal client state (fenced static member, dead DLQ producer): stops the loop.
         self._fatal: FatalError | None = None
         # The first refusal (credentials, certificate, ACL/privilege): stops the loop.
@@ -129,8 +132,6 @@ class SinkConsumer:
         self._stalled = False
         # Why the batch in hand is being retried ("" when it is not).
         self._retry_reason = ""
-        # When we last committed each partition (monotonic), for the idle refresh.
-        self._committed_at: dict[PartitionKey, float] = {}
 
     # -- control ---------------------------------------------------------------------------
 
@@ -236,13 +237,16 @@ class SinkConsumer:
     def _open(self) -> None:
         kcfg, ccfg = self.cfg.kafka, self.cfg.consumer
         if self._consumer is None:
-            self._consumer = Consumer(consumer_config(self.cfg, error_cb=self._on_error),
+            self._consumer = Consumer(consumer_config(self.cfg, error_cb=self._on_error,
+                                                      on_commit=self._on_commit),
                                       logger=RdKafkaLogger())
         if self._es is None:
             self._es = make_es_client(self.cfg)
         if self._dlq is None:
             self._dlq = DeadLetterQueue(kcfg, tick=self._watchdog.ping)
-        self._pool = ThreadPoolExecutor(ccfg.bulk_concurrency, thread_name_prefix="logpipe-bulk")
+        self._sender = BulkSender(self._es, hosts=self.cfg.elasticsearch.hosts,
+                                  concurrency=ccfg.bulk_concurrency,
+                                  max_bulk_bytes=ccfg.max_bulk_bytes, metrics=self.metrics)
 
     def _close(self) -> None:
         sdnotify.notify("STOPPING=1")
@@ -260,10 +264,8 @@ class SinkConsumer:
             except Exception as exc:
                 log.warning("consumer_close_failed", error=str(exc))
         undelivered = self._dlq.close() if self._dlq is not None else 0
-        if self._pool is not None:
-            # A request abandoned at the shutdown deadline finishes on its own (bounded by
-            # elasticsearch.request_timeout_s); its messages were not committed.
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._sender is not None:
+            self._sender.close()
         log.event("shutdown", left_for_redelivery=self.left_for_redelivery,
                   indexed=self.indexed, already_present=self.already_present,
                   dlq=self.dead_lettered, batches=self.batches,
@@ -373,70 +375,122 @@ class SinkConsumer:
     # -- main loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Keep up to ``consumer.pipeline_depth`` batches in hand: while the oldest is indexed,
+        the next is fetched, built and queued behind it. Answers are handled oldest first."""
         ccfg = self.cfg.consumer
         run_once = ccfg.max_batches > 0
         unassigned_since = time.monotonic()
         unassigned_limit = ccfg.session_timeout_ms / 1000 + 10.0
-        while not self.stopping and self._fatal is None and self._refusal is None:
+        in_flight = self._in_flight
+        while not self._halted:
             self._tick()
             self._refresh_commits()
-            batch = self._fetch()
-            if self._fatal is not None:
-                break  # what was fetched stays uncommitted for the instance that goes on
-            if batch:
-                self._process(batch)
-                self.batches += 1
-                if run_once and (self.batches >= ccfg.max_batches or self._drained()):
-                    break
+            while in_flight and in_flight[0].done() and not self._halted:
+                self._finish(in_flight.popleft())
+            if self._halted or (self.stopping and self._past_shutdown_deadline()):
+                break  # what is not handled stays uncommitted for the next owner
+            fresh = not self.stopping and not (
+                run_once and (self._fresh_batches >= ccfg.max_batches or self._read_to_end()))
+            if len(in_flight) < ccfg.pipeline_depth:
+                batch = self._build_ahead(fresh) if in_flight else self._next_batch(fresh)
+                if batch is not None:
+                    in_flight.append(batch)
+                    continue
+            if in_flight:
+                self._await_answer(in_flight[0])
                 continue
+            if self._retries or self._halted:
+                continue  # _next_batch waited for the next retry to fall due
+            if not fresh:
+                break  # stopping, or run-once done: nothing in hand, nothing to retry
             # Idle: retry a commit that failed earlier (e.g. during a rebalance), if any.
             self._commit()
             if run_once:
-                if self._assigned:
+                if self._partitions:
                     unassigned_since = time.monotonic()
-                    if self._drained():
-                        break
                 elif time.monotonic() - unassigned_since > unassigned_limit:
                     log.warning("no_assignment", waited_s=unassigned_limit)
                     break
 
-    def _drained(self) -> bool:
-        """Run-once: every owned partition has been read to its end and nothing is in hand."""
-        return bool(self._assigned) and self._eof >= self._assigned and not self._carry
+    def _await_answer(self, batch: _Batch) -> None:
+        """Wait a slice for the oldest batch's requests (the loop feeds the watchdog and checks
+        the shutdown deadline between slices)."""
+        if batch.pending is not None:
+            batch.pending.wait(WAIT_SLICE_S)
 
-    def _fetch(self) -> list[_InHand]:
-        size = self.cfg.consumer.batch_size
-        if self._carry:
-            live = [m for m in self._carry if self._owned(m)]
-            carried, self._carry = live[:size], live[size:]
-            if carried:
-                return carried
-        # consume() returns only when it has a full batch or its timeout expired; collect in
-        # short slices so a run-once invocation notices the partitions' ends without sitting
-        # out a whole poll timeout for the last partial batch.
+    def _read_to_end(self) -> bool:
+        """Run-once: every owned partition has been read to its end."""
+        return self._partitions.read_to_end()
+
+    def _build_ahead(self, fresh: bool) -> _Batch | None:
+        """The next batch while the one before it is being indexed (its own name so that a stack
+        dump, such as the chaos suite's, tells this phase apart)."""
+        return self._next_batch(fresh)
+
+    def _next_batch(self, fresh: bool) -> _Batch | None:
+        """Held partitions whose retry is due, else fresh messages (if ``fresh``); started."""
+        now = time.monotonic()
+        due = self._retries.take_due(now)
+        if due:
+            live = [m for m in due if self._owned(m)]
+            self._retries.settle(m for m in due if not self._owned(m))
+            if live:
+                return self._start(live, retry=True)
+        self._sync_pauses(everything=not fresh)
+        timeout = self.cfg.consumer.poll_timeout_s
+        next_due = self._retries.next_due()
+        if next_due is not None:
+            timeout = min(timeout, max(0.0, next_due - now))
+        if not fresh:
+            # Serve callbacks (rebalances, commit results) while nothing new is taken: every
+            # partition is paused, and anything still delivered stays unhandled (uncommitted).
+            self._accept(self._consumer.consume(self.cfg.consumer.batch_size,
+                                                min(timeout, PAUSED_POLL_S)))
+            return None
+        messages = self._fetch(timeout)
+        if not messages or self._halted:
+            return None
+        self._fresh_batches += 1
+        return self._start(messages, retry=False)
+
+    def _fetch(self, timeout_s: float) -> list[_InHand]:
+        """Up to a batch of messages within ``timeout_s``.
+
+        consume() returns only when it has a full batch or its timeout expired; collect in short
+        slices so a run-once invocation notices the partitions' ends, and a batch being built
+        ahead notices that the one before it was answered, without sitting out the whole
+        timeout for a partial batch.
+        """
+        size, max_bytes = self.cfg.consumer.batch_size, self.cfg.consumer.max_batch_bytes
         run_once = self.cfg.consumer.max_batches > 0
-        deadline = time.monotonic() + self.cfg.consumer.poll_timeout_s
+        deadline = time.monotonic() + timeout_s
         batch: list[_InHand] = []
+        held_bytes = 0
         while len(batch) < size:
             left = deadline - time.monotonic()
-            batch.extend(self._accept(self._consumer.consume(
-                size - len(batch), max(0.0, min(FETCH_SLICE_S, left)))))
-            if left <= FETCH_SLICE_S or self._fatal is not None or self.stopping \
-                    or self._refusal is not None \
-                    or (run_once and self._assigned and self._eof >= self._assigned):
+            got = self._accept(self._consumer.consume(
+                size - len(batch), max(0.0, min(FETCH_SLICE_S, left))))
+            batch.extend(got)
+            # Bounds what is in hand (pipeline_depth batches) when messages are large; one
+            # consume() may overshoot, by at most what librdkafka has queued.
+            held_bytes += sum(len(m.value or b"") for m in got)
+            if left <= FETCH_SLICE_S or held_bytes >= max_bytes or self._halted or self.stopping \
+                    or (run_once and self._read_to_end()) \
+                    or (self._in_flight and self._in_flight[0].done()):
                 break
             self._watchdog.ping()
         return batch
 
     def _accept(self, messages: Sequence[Message]) -> list[_InHand]:
         out: list[_InHand] = []
+        now = time.monotonic()
         for msg in messages:
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     eof_topic, eof_partition = msg.topic(), msg.partition()
                     if eof_topic is not None and eof_partition is not None:
-                        self._eof.add((eof_topic, eof_partition))
+                        self._partitions.reached_end((eof_topic, eof_partition))
                 elif (found := refusal.kafka(err, self.cfg.kafka.bootstrap_servers)) is not None:
                     self._refuse(found)
                 elif (fatal := fatal_error(err, "consumer")) is not None:
@@ -449,199 +503,119 @@ class SinkConsumer:
             # librdkafka sets all three on every message that carries no error.
             assert topic is not None and partition is not None and offset is not None
             key = (topic, partition)
-            self._eof.discard(key)
+            self._partitions.reached_end(key, False)
             self._tracker.fetched(key, offset)
-            out.append(_InHand(key, offset, self._generation.get(key, 0), msg.key(), msg.value()))
+            m = _InHand(key, offset, self._partitions.generation(key), msg.key(), msg.value())
+            # Fetched before its partition's pause took effect: it waits for that partition's
+            # retry, in order, instead of overtaking the message being retried.
+            if not self._retries.hold(m, now):
+                out.append(m)
         return out
 
     def _owned(self, m: _InHand) -> bool:
-        return m.key in self._assigned and self._generation.get(m.key, 0) == m.generation
+        return self._partitions.owns(m.key, m.generation)
 
-    def _process(self, batch: list[_InHand]) -> None:
+    def _start(self, messages: list[_InHand], *, retry: bool) -> _Batch:
+        """Build the documents not built yet and queue their bulk request."""
         ccfg, es_prefix = self.cfg.consumer, self.cfg.elasticsearch.index
-        started = time.monotonic()
         indexed_at = _now_iso()
-        for m in batch:
-            result = make_doc(m.value, m.msg_key, index_prefix=es_prefix, indexed_at=indexed_at,
-                              max_bytes=ccfg.max_message_bytes)
-            if isinstance(result, Doc):
-                m.doc = result
-            else:
-                m.rejected = result
-        created = present = dead = retried = 0
-        attempt = 0
-        remaining = batch
-        while True:
-            remaining = [m for m in remaining if self._owned(m)]
-            if not remaining:
-                break
-            retry: list[_InHand] = []
-            reason = ""
-            to_index = [m for m in remaining if m.rejected is None]
-            if to_index:
-                outcome = self._bulk([m.doc for m in to_index if m.doc is not None])
-                for pos in outcome.created:
-                    self._tracker.handled(to_index[pos].key, to_index[pos].offset)
-                for pos in outcome.already_present:
-                    self._tracker.handled(to_index[pos].key, to_index[pos].offset)
-                for pos, rejected in outcome.rejected.items():
-                    to_index[pos].rejected = rejected
-                retry.extend(to_index[pos] for pos in outcome.retry)
-                if outcome.refusal is not None:
-                    self._refuse(outcome.refusal.at(",".join(self.cfg.elasticsearch.hosts)))
-                created += len(outcome.created)
-                present += len(outcome.already_present)
-                self.metrics.handled("indexed", len(outcome.created))
-                self.metrics.handled("already_present", len(outcome.already_present))
-                self.indexed += len(outcome.created)
-                self.already_present += len(outcome.already_present)
-                reason = outcome.retry_reason
-            to_dlq = [m for m in remaining if m.rejected is not None]
-            if to_dlq and self._refusal is None:
-                acked = self._dead_letter(to_dlq)
-                for m, ok in zip(to_dlq, acked, strict=True):
-                    if ok:
-                        self._tracker.handled(m.key, m.offset)
-                        dead += 1
-                        self.dead_lettered += 1
-                        self.metrics.dead_letter(m.rejected.reason if m.rejected else "unknown")
-                    else:
-                        retry.append(m)
-                        reason = reason or "dlq_delivery"
-                if self._dlq is not None and self._dlq.refusal is not None:
-                    self._refuse(self._dlq.refusal)
-                if self._dlq is not None and self._dlq.fatal is not None:
-                    self._fail(self._dlq.fatal)
-            else:
-                retry.extend(to_dlq)
-            remaining = retry
-            if not remaining or self._halted:
-                # Refused or fatal: what is not handled stays uncommitted for the next start.
-                break
-            if self._stop.is_set() and self._past_shutdown_deadline():
-                break
-            wait = backoff_s(attempt, ccfg.retry_initial_backoff_s, ccfg.retry_max_backoff_s,
-                             self._rng())
-            if self._stop_at is not None:
-                wait = min(wait, max(0.0, self._stop_at + ccfg.shutdown_timeout_s
-                                     - time.monotonic()))
-            attempt += 1
-            retried += len(remaining)
-            self.retried += len(remaining)
-            self._retry_reason = reason or "unknown"
-            self.metrics.retry(self._retry_reason, len(remaining))
-            log.event("bulk_retry", items=len(remaining), attempt=attempt,
-                      backoff_s=round(wait, 3), reason=reason or "unknown")
-            self._wait_paused(wait)
-        self._retry_reason = ""
-        committed = self._commit()
-        left = [m for m in remaining if self._owned(m)]
-        if left:
-            log.warning("batch_incomplete", left_for_redelivery=len(left))
-        seconds = time.monotonic() - started
-        self.metrics.batch_seconds.observe(seconds)
-        log.event("batch_committed", docs=len(batch), created=created, already_present=present,
-                  dlq=dead, retried=retried, seconds=round(seconds, 3),
-                  partitions=len(committed))
+        for m in messages:
+            if m.doc is None and m.rejected is None:
+                result = make_doc(m.value, m.msg_key, index_prefix=es_prefix,
+                                  indexed_at=indexed_at, max_bytes=ccfg.max_message_bytes)
+                if isinstance(result, Doc):
+                    m.doc = result
+                else:
+                    m.rejected = result
+        to_index = [m for m in messages if m.rejected is None]
+        assert self._sender is not None
+        pending = self._sender.submit([m.doc for m in to_index if m.doc is not None]) \
+            if to_index else None
+        return _Batch(messages, retry, time.monotonic(), to_index, pending)
 
-    # -- Elasticsearch -----------------------------------------------------------------------
-
-    def _bulk(self, docs: list[Doc]) -> BulkOutcome:
-        """Send ``docs`` (split for bulk_concurrency and the request size cap, and again
-        wherever a request is refused as too large) and merge the outcomes, positions relative
-        to ``docs``.
-
-        Requests run on the pool even one at a time: the main thread keeps the systemd
-        watchdog fed while a slow request is within its own timeout, and can give up waiting
-        at the shutdown deadline (the abandoned documents count as not indexed).
-        """
-        assert self._pool is not None
-        chunks = self.cfg.consumer.bulk_concurrency
-        if len(docs) < 2 * chunks:
-            chunks = 1  # not worth splitting a handful of retries
-        cap = self._bulk_cap
-        parts = split_docs(docs, chunks, cap)
-        futures = [self._pool.submit(self._bulk_chunk, part) for part in parts]
-        pending = set(futures)
-        while pending:
-            _done, pending = wait(pending, timeout=WAIT_SLICE_S)
-            self._watchdog.ping()
-            if pending and self._stop.is_set() and self._past_shutdown_deadline():
-                break
-        merged = BulkOutcome()
-        base = 0
-        for part, future in zip(parts, futures, strict=True):
-            if future.done():
-                outcome = future.result()
-            else:
-                future.cancel()
-                outcome = BulkOutcome(retry=list(range(len(part))), retry_reason="shutdown")
-            merged.add(outcome, base)
-            base += len(part)
-        if self._bulk_cap < cap:
-            self.metrics.bulk_cap.set(self._bulk_cap)
-            # Once per lowering, not per refused request: the recursive halving behind it
-            # may have taken several.
-            log.warning("bulk_too_large", refused_bytes=self._smallest_refused,
-                        previous_cap_bytes=cap, new_cap_bytes=self._bulk_cap,
-                        hint="a limit below consumer.max_bulk_bytes: Elasticsearch "
-                             "http.max_content_length or a proxy's body size limit")
-        return merged
-
-    def _bulk_chunk(self, docs: list[Doc]) -> BulkOutcome:
-        return send_in_parts(docs, self._bulk_request)
-
-    def _too_large(self, body_bytes: int) -> TooLarge:
-        """Note a 413: the limit is below ``body_bytes``, so cut later requests at half of it
-        (the size of the halves sent next) rather than meet the limit with every batch."""
-        with self._bulk_cap_lock:
-            self._bulk_cap = min(self._bulk_cap, max(1, body_bytes // 2))
-            self._smallest_refused = min(self._smallest_refused or body_bytes, body_bytes)
-        return TooLarge(body_bytes, "HTTP 413 (over Elasticsearch's http.max_content_length "
-                                    "or a proxy's body size limit)")
-
-    def _bulk_request(self, docs: list[Doc]) -> BulkOutcome | TooLarge:
-        """One ``_bulk`` request; a failure of the whole request makes every item retriable,
-        except a 413, which says the body is too large.
-
-        Measured against Elasticsearch 8.19 with http.max_content_length lowered: an
-        over-limit ``_bulk`` is answered 413 (empty body) from the Content-Length header alone,
-        before any of the body is read or indexed; the body is then read and discarded and the
-        connection kept. The client sees an ``ApiError`` with status 413, never a reset (bodies
-        of 1 to 45 MiB, four in parallel). A reverse proxy's 413 (an HTML page) arrives the
-        same way. A reset that swallowed the answer would be an ordinary ``TransportError``
-        and retried: nothing tells it apart from an outage.
-        """
-        assert self._es is not None
-        body = build_body(docs)
+    def _finish(self, batch: _Batch) -> None:
+        """Handle a batch's answer: count what is indexed, dead-letter what was rejected, hold
+        what must be retried, then commit (asynchronously) what is handled."""
+        if batch.retry:
+            self._retries.settle(batch.messages)
+        created = present = dead = 0
+        retry: list[_InHand] = []
         reason = ""
-        try:
-            with self.metrics.bulk_seconds.time():
-                response = self._es.bulk(body=body,  # type: ignore[arg-type]
-                                         filter_path=BULK_FILTER_PATH)
-        except ApiError as exc:
-            if exc.meta.status == 413:
-                return self._too_large(len(body))
-            reason = f"http_{exc.meta.status}"
-            detail = str(exc)[:300]
-            found = refusal.elasticsearch(exc, self.cfg.elasticsearch.hosts)
-            if found is not None:
-                return BulkOutcome(retry=list(range(len(docs))), retry_reason=reason,
-                                   refusal=found)
-        except TransportError as exc:
-            reason = type(exc).__name__
-            detail = str(exc)[:300]
-            found = refusal.elasticsearch(exc, self.cfg.elasticsearch.hosts)
-            if found is not None:
-                return BulkOutcome(retry=list(range(len(docs))), retry_reason=reason,
-                                   refusal=found)
-        except Exception as exc:
-            reason = type(exc).__name__
-            detail = str(exc)[:300]
+        if batch.pending is not None:
+            assert self._sender is not None
+            outcome = self._sender.outcome(batch.pending)
+            to_index = batch.to_index
+            for pos in outcome.created:
+                self._tracker.handled(to_index[pos].key, to_index[pos].offset)
+            for pos in outcome.already_present:
+                self._tracker.handled(to_index[pos].key, to_index[pos].offset)
+            for pos, rejected in outcome.rejected.items():
+                to_index[pos].rejected = rejected
+            retry.extend(to_index[pos] for pos in outcome.retry)
+            if outcome.refusal is not None:
+                self._refuse(outcome.refusal.at(",".join(self.cfg.elasticsearch.hosts)))
+            created, present = len(outcome.created), len(outcome.already_present)
+            self.metrics.handled("indexed", created)
+            self.metrics.handled("already_present", present)
+            self.indexed += created
+            self.already_present += present
+            reason = outcome.retry_reason
+        to_dlq = [m for m in batch.messages if m.rejected is not None and self._owned(m)]
+        if to_dlq and self._refusal is None:
+            acked = self._dead_letter(to_dlq)
+            for m, ok in zip(to_dlq, acked, strict=True):
+                if ok:
+                    self._tracker.handled(m.key, m.offset)
+                    dead += 1
+                    self.dead_lettered += 1
+                    self.metrics.dead_letter(m.rejected.reason if m.rejected else "unknown")
+                else:
+                    retry.append(m)
+                    reason = reason or "dlq_delivery"
+            if self._dlq is not None and self._dlq.refusal is not None:
+                self._refuse(self._dlq.refusal)
+            if self._dlq is not None and self._dlq.fatal is not None:
+                self._fail(self._dlq.fatal)
         else:
-            return classify(response.body, docs)
-        log.warning("bulk_request_failed", reason=reason, error=detail, items=len(docs))
-        return BulkOutcome(retry=list(range(len(docs))), retry_reason=reason)
+            retry.extend(to_dlq)
+        retry = [m for m in retry if self._owned(m)]
+        if retry and not self._halted:
+            self._hold_for_retry(retry, reason or "unknown")
+        self._release_retries()
+        self.batches += 1
+        # Asynchronous: the broker round trip overlaps the next bulk request. Only handled
+        # positions are ever sent; a commit that fails is sent again by the next one, and
+        # revokes, idle time and shutdown commit synchronously.
+        committed = self._commit(asynchronous=True)
+        seconds = time.monotonic() - batch.started
+        self.metrics.batch_seconds.observe(seconds)
+        log.event("batch_committed", docs=len(batch.messages), created=created,
+                  already_present=present, dlq=dead, retried=len(retry),
+                  seconds=round(seconds, 3), partitions=len(committed))
+
+    def _hold_for_retry(self, retry: list[_InHand], reason: str) -> None:
+        """Hold the partitions of ``retry`` (paused) until their backoff has passed."""
+        ccfg = self.cfg.consumer
+        keys = {m.key for m in retry}
+        attempt = self._retries.attempt(keys)
+        wait = backoff_s(attempt, ccfg.retry_initial_backoff_s, ccfg.retry_max_backoff_s,
+                         self._rng())
+        now = time.monotonic()
+        if self._stop_at is not None:
+            wait = min(wait, max(0.0, self._stop_at + ccfg.shutdown_timeout_s - now))
+        self._retries.add(retry, now + wait)
+        self.retried += len(retry)
+        self._retry_reason = reason
+        self.metrics.retry(reason, len(retry))
+        log.event("bulk_retry", items=len(retry), attempt=attempt + 1,
+                  backoff_s=round(wait, 3), reason=reason, partitions=_fmt(keys))
+        self._sync_pauses(everything=False)
+
+    def _release_retries(self) -> None:
+        if self._retries.release():
+            self._sync_pauses(everything=self.stopping)
+        if not self._retries:
+            self._retry_reason = ""
 
     # -- dead-letter topic -------------------------------------------------------------------
 
@@ -659,45 +633,28 @@ class SinkConsumer:
                           offset=letter.offset, error=letter.error[:200])
         return acked
 
-    # -- waiting while retrying --------------------------------------------------------------
+    # -- pausing held partitions -----------------------------------------------------------
 
-    def _wait_paused(self, seconds: float) -> None:
-        """Sleep ``seconds`` without leaving the group: partitions paused, still polling."""
-        end = time.monotonic() + seconds
-        try:
-            while True:
-                self._pause_all()
-                self._tick()
-                left = end - time.monotonic()
-                if left <= 0 or self._fatal is not None \
-                        or (self._stop.is_set() and self._past_shutdown_deadline()):
-                    break
-                messages = self._consumer.consume(self.cfg.consumer.batch_size,
-                                                  min(PAUSED_POLL_S, left))
-                # Anything that still arrives (a partition assigned meanwhile) is kept in
-                # order for the next batch, never dropped.
-                self._carry.extend(self._accept(messages))
-        finally:
-            self._resume_all()
-
-    def _pause_all(self) -> None:
-        new = self._assigned - self._paused
-        if new:
-            self._consumer.pause([TopicPartition(t, p) for t, p in new])
-            self._paused |= new
-
-    def _resume_all(self) -> None:
-        current = self._paused & self._assigned
-        if current:
-            self._consumer.resume([TopicPartition(t, p) for t, p in current])
-        self._paused.clear()
+    def _sync_pauses(self, *, everything: bool) -> None:
+        """Pause the partitions held for a retry (or ``everything`` owned, when no more fresh
+        messages are wanted) and resume the rest. Paused partitions are still polled, so the
+        group keeps them and rebalance callbacks run."""
+        pause, resume = self._partitions.repause(
+            set(self._partitions.owned) if everything else self._retries.partitions())
+        if pause:
+            self._consumer.pause([TopicPartition(t, p) for t, p in pause])
+        if resume:
+            self._consumer.resume([TopicPartition(t, p) for t, p in resume])
 
     # -- commits and rebalances --------------------------------------------------------------
 
-    def _commit(self, keys: set[PartitionKey] | None = None) -> dict[PartitionKey, int]:
-        """Synchronously commit handled positions that advanced (only partitions we own)."""
-        selected = self._assigned if keys is None else keys
-        return self._send_commit(self._tracker.to_commit(selected))
+    def _commit(self, keys: set[PartitionKey] | None = None, *, asynchronous: bool = False,
+                ) -> dict[PartitionKey, int]:
+        """Commit handled positions that advanced (only partitions we own): synchronously, or
+        sent without waiting (``asynchronous``; the broker's answer reaches ``_on_commit``)."""
+        selected = self._partitions.owned if keys is None else keys
+        return self._send_commit(self._tracker.to_commit(selected, unsent=asynchronous),
+                                 asynchronous=asynchronous)
 
     def _refresh_commits(self) -> None:
         """Commit idle partitions' positions again with a fresh time (see COMMIT_REFRESH_S):
@@ -705,9 +662,7 @@ class SinkConsumer:
         stalled to `logpipe check` until that message is committed."""
         now = time.monotonic()
         positions = {}
-        for key in self._assigned:
-            if now - self._committed_at.get(key, now) < COMMIT_REFRESH_S:
-                continue
+        for key in self._partitions.not_committed_for(COMMIT_REFRESH_S, now):
             position = self._tracker.caught_up(key)
             if position is not None:
                 positions[key] = position
@@ -715,9 +670,10 @@ class SinkConsumer:
             self._send_commit(positions)
             # Attempted counts: a refresh that failed (a rebalance) waits for the next round
             # instead of being retried, and logged, on every loop.
-            self._committed_at.update(dict.fromkeys(positions, now))
+            self._partitions.committed(positions, now)
 
-    def _send_commit(self, positions: dict[PartitionKey, int]) -> dict[PartitionKey, int]:
+    def _send_commit(self, positions: dict[PartitionKey, int], *, asynchronous: bool = False,
+                     ) -> dict[PartitionKey, int]:
         if not positions or (self._fatal is not None and self._fatal.client == "consumer"):
             # A consumer in a fatal state can commit nothing any more (librdkafka refuses).
             return {}
@@ -725,6 +681,11 @@ class SinkConsumer:
         offsets = [TopicPartition(t, p, pos, metadata=metadata)
                    for (t, p), pos in positions.items()]
         try:
+            if asynchronous:
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+                self._tracker.mark_sent(positions)
+                self._partitions.committed(positions, time.monotonic())
+                return positions
             result = self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             found = self._refused_by(exc)
@@ -739,24 +700,49 @@ class SinkConsumer:
             # with the next commit (or by the revoke callback).
             log.warning("commit_failed", error=str(exc), partitions=len(offsets))
             return {}
-        done = {}
-        for tp in result or offsets:
+        done = self._committed(result or offsets)
+        self._partitions.committed(done, time.monotonic())
+        return done
+
+    def _committed(self, partitions: list[TopicPartition]) -> dict[PartitionKey, int]:
+        """Record what the broker confirmed; report what it refused (sent again next time)."""
+        done, failed = {}, set()
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
             if tp.error is None:
-                done[(tp.topic, tp.partition)] = tp.offset
-            else:
-                found = refusal.kafka(tp.error, self.cfg.kafka.bootstrap_servers)
-                if found is not None:
-                    self._refuse(found)
-                elif (fatal := fatal_error(tp.error, "consumer")) is not None:
-                    self._fail(fatal)
-                    continue
-                log.warning("commit_failed", partition=tp.partition, error=str(tp.error))
+                done[key] = tp.offset
+                continue
+            failed.add(key)
+            found = refusal.kafka(tp.error, self.cfg.kafka.bootstrap_servers)
+            if found is not None:
+                self._refuse(found)
+            elif (fatal := fatal_error(tp.error, "consumer")) is not None:
+                self._fail(fatal)
+                continue
+            log.warning("commit_failed", partition=tp.partition, error=str(tp.error))
+        self._tracker.unsend(failed)
         self._tracker.mark_committed(done)
         if done:
             self.metrics.committed()
-        now = time.monotonic()
-        self._committed_at.update(dict.fromkeys(done, now))
         return done
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """The broker's answer to a commit (served from consume()); for synchronous commits it
+        repeats what commit() returned, which is harmless."""
+        owned = [tp for tp in partitions if (tp.topic, tp.partition) in self._partitions]
+        if err is None:
+            self._committed([tp for tp in owned if tp.offset >= 0 or tp.error is not None])
+            return
+        if err.code() == KafkaError._NO_OFFSET:
+            return  # nothing to commit
+        self._tracker.unsend((tp.topic, tp.partition) for tp in owned)
+        if (found := refusal.kafka(err, self.cfg.kafka.bootstrap_servers)) is not None:
+            self._refuse(found)
+        elif (fatal := fatal_error(err, "consumer")) is not None:
+            self._fail(fatal)
+        else:
+            # Typically a rebalance in progress: the next commit sends the positions again.
+            log.warning("commit_failed", error=str(err), partitions=len(owned))
 
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # confluent-kafka performs the incremental assign itself after this callback returns
@@ -765,39 +751,31 @@ class SinkConsumer:
         if not keys:
             return  # an incremental rebalance that gave us nothing new
         self._tracker.forget(keys)
-        for key in keys:
-            self._generation[key] = self._generation.get(key, 0) + 1
-        self._assigned |= keys
-        self._eof -= keys
-        log.event("assigned", partitions=_fmt(keys), owned=len(self._assigned))
+        self._partitions.assign(keys)
+        log.event("assigned", partitions=_fmt(keys), owned=len(self._partitions))
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         try:
-            committed = self._commit(keys & self._assigned)
+            committed = self._commit(keys & self._partitions.owned)
         except Exception as exc:
             log.warning("commit_failed", error=str(exc))
             committed = {}
         dropped = self._drop(keys)
         log.event("revoked", partitions=_fmt(keys), committed=len(committed),
-                  dropped=dropped, owned=len(self._assigned))
+                  dropped=dropped, owned=len(self._partitions))
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         dropped = self._drop(keys)
-        log.warning("lost", partitions=_fmt(keys), dropped=dropped, owned=len(self._assigned))
+        log.warning("lost", partitions=_fmt(keys), dropped=dropped, owned=len(self._partitions))
 
     def _drop(self, keys: set[PartitionKey]) -> int:
         """Forget partitions we no longer own; their unhandled messages go to the new owner."""
         dropped = sum(self._tracker.unhandled_count(k) for k in keys)
         self._tracker.forget(keys)
-        for key in keys:
-            self._generation[key] = self._generation.get(key, 0) + 1
-            self._committed_at.pop(key, None)
-        self._assigned -= keys
-        self._paused -= keys
-        self._eof -= keys
-        self._carry = [m for m in self._carry if m.key not in keys]
+        self._partitions.drop(keys)
+        self._retries.drop(keys)
         return dropped
 
     def _on_error(self, err: KafkaError) -> None:
@@ -829,7 +807,7 @@ class SinkConsumer:
         lag_by_partition = self._lag()
         lag = sum(lag_by_partition.values())
         self.metrics.set_lag(lag_by_partition)
-        self.metrics.assigned.set(len(self._assigned))
+        self.metrics.assigned.set(len(self._partitions))
         if done != self._status_done or lag == 0:
             self._progress_at = now
         self._last_status, self._status_done = now, done
@@ -842,7 +820,8 @@ class SinkConsumer:
             if not self._stalled:
                 self._stalled = True
                 log.warning("stalled", no_progress_s=round(stalled_s), lag=lag,
-                            reason=self._retry_reason or "unknown", owned=len(self._assigned))
+                            reason=self._retry_reason or "unknown",
+                            owned=len(self._partitions))
         elif self._stalled:
             self._stalled = False
             log.event("stall_cleared", lag=lag, indexed=self.indexed)
@@ -850,7 +829,7 @@ class SinkConsumer:
         sdnotify.notify(f"STATUS={status}")
         log.event("throughput", docs_per_s=round(rate, 1), lag=lag, indexed=self.indexed,
                   already_present=self.already_present, dlq=self.dead_lettered,
-                  owned=len(self._assigned))
+                  owned=len(self._partitions))
 
     @property
     def stalled_s(self) -> float:
@@ -869,7 +848,7 @@ class SinkConsumer:
         """Messages not yet handled per owned partition (cached high watermarks, no request);
         partitions not read yet are left out."""
         lag: dict[PartitionKey, int] = {}
-        for topic, partition in self._assigned:
+        for topic, partition in self._partitions.owned:
             try:
                 _low, high = self._consumer.get_watermark_offsets(
                     TopicPartition(topic, partition), cached=True)
@@ -888,7 +867,8 @@ def _fmt(keys: set[PartitionKey]) -> str:
 
 
 def consumer_config(cfg: Config, *, error_cb: Callable[[KafkaError], None] | None = None,
-                    ) -> dict[str, Any]:
+                    on_commit: Callable[[KafkaError | None, list[TopicPartition]], None]
+                    | None = None) -> dict[str, Any]:
     """librdkafka settings for the sink consumer.
 
     Tuning comes first so ``kafka.client_overrides`` can change it; the delivery-semantics keys
@@ -927,6 +907,8 @@ def consumer_config(cfg: Config, *, error_cb: Callable[[KafkaError], None] | Non
     conf = {**tuning, **client_config(kcfg, "logpipe-consumer"), **semantics}
     if error_cb is not None:
         conf["error_cb"] = error_cb
+    if on_commit is not None:
+        conf["on_commit"] = on_commit
     return conf
 
 

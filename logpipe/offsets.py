@@ -41,6 +41,8 @@ class _Partition:
     next_offset: int | None = None
     # Position last committed (or reported committed by mark_committed).
     committed: int | None = None
+    # Position of the last asynchronous commit sent, confirmed or not (mark_sent).
+    sent: int | None = None
 
 
 class OffsetTracker:
@@ -89,18 +91,37 @@ class OffsetTracker:
             return len(part.unhandled) if part else 0
         return sum(len(p.unhandled) for p in self._partitions.values())
 
-    def to_commit(self, keys: Iterable[PartitionKey] | None = None) -> dict[PartitionKey, int]:
-        """Positions that advanced since the last commit (optionally only for ``keys``)."""
+    def to_commit(self, keys: Iterable[PartitionKey] | None = None, *,
+                  unsent: bool = False) -> dict[PartitionKey, int]:
+        """Positions that advanced since the last commit (optionally only for ``keys``); with
+        ``unsent``, also past the last asynchronous commit sent (so one is not sent twice)."""
         selected = self._partitions.keys() if keys is None else keys
         out: dict[PartitionKey, int] = {}
         for key in selected:
             pos = self.position(key)
             if pos is None:
                 continue
-            committed = self._partitions[key].committed
-            if committed is None or pos > committed:
-                out[key] = pos
+            part = self._partitions[key]
+            if part.committed is not None and pos <= part.committed:
+                continue
+            if unsent and part.sent is not None and pos <= part.sent:
+                continue
+            out[key] = pos
         return out
+
+    def mark_sent(self, positions: dict[PartitionKey, int]) -> None:
+        """Asynchronous commits of ``positions`` are on their way."""
+        for key, pos in positions.items():
+            part = self._partitions.get(key)
+            if part is not None and (part.sent is None or pos > part.sent):
+                part.sent = pos
+
+    def unsend(self, keys: Iterable[PartitionKey]) -> None:
+        """An asynchronous commit failed: send these partitions' positions again next time."""
+        for key in keys:
+            part = self._partitions.get(key)
+            if part is not None:
+                part.sent = part.committed
 
     def caught_up(self, key: PartitionKey) -> int | None:
         """The committed position when everything fetched is handled and committed (an idle

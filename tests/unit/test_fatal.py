@@ -120,9 +120,11 @@ def test_fenced_consumer_stops_at_once_with_one_line(capsys: pytest.CaptureFixtu
     assert "commit_failed" not in err and "kafka_error" not in err
     # The messages fetched with the error are not processed (the instance that took over
     # handles them), and nothing is committed any more: no loop of failing commits.
-    assert consumer.batches == 2
+    # Batches answered before the fence are committed (one or two: the second may still be in
+    # flight when the error arrives, and is then left uncommitted).
+    assert consumer.batches in (1, 2)
     assert fake.commits_refused == 0
-    assert sum(fake.committed_position(p) for p in fake.logs) == 20
+    assert sum(fake.committed_position(p) for p in fake.logs) == 10 * consumer.batches
 
 
 def test_fatal_commit_is_not_retried(capsys: pytest.CaptureFixture[str]) -> None:

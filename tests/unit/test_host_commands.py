@@ -1,8 +1,9 @@
 """A fresh machine can run every script: each program that scripts/*.sh, the Makefile's recipes and
 .ci/run call is a shell builtin, keyword or function, a script of this repository, a tool of the
 project's venv, or comes from a Debian package that is either in scripts/host-packages.txt (the
-one install list .ci/run and `make lab` install) or part of every base Debian system (Priority
-required / Essential).
+install list .ci/run and `make lab` install), in scripts/host-packages-vagrant.txt (what only the
+VM lab, `make vagrant-smoke`, adds; one installer for both) or part of every base Debian system
+(Priority required / Essential).
 
 `make lab` once failed on a fresh machine because a script called `cpio`, which nothing installed
 and the developer's machine happened to have. Which package provides a command is a committed
@@ -33,6 +34,8 @@ import pytest
 
 TOP = Path(__file__).resolve().parents[2]
 INSTALL_LIST = TOP / "scripts" / "host-packages.txt"
+# The VM lab's extras (libvirt, QEMU, ...): installed by scripts/vagrant-smoke.sh, not by CI.
+VAGRANT_LIST = TOP / "scripts" / "host-packages-vagrant.txt"
 INSTALLER = "scripts/install-host-packages.sh"
 
 # Debian packages every base system has (Priority: required, most of them Essential: yes).
@@ -48,7 +51,7 @@ COMMAND_PACKAGES = {
         ("basename", "cat", "chmod", "chown", "cp", "cut", "date", "dirname", "env", "head", "id",
          "install", "ln", "ls", "mkdir", "mktemp", "mv", "nohup", "readlink", "realpath", "rm",
          "seq", "sha256sum", "sleep", "sort", "stat", "tail", "tee", "touch", "tr", "uname",
-         "wc"), "coreutils"),
+         "wc", "chroot", "du"), "coreutils"),
     "find": "findutils", "xargs": "findutils",
     "grep": "grep", "sed": "sed", "cmp": "diffutils", "diff": "diffutils", "tar": "tar",
     "gzip": "gzip", "awk": "mawk", "bash": "bash", "dpkg": "dpkg", "dpkg-query": "dpkg",
@@ -62,6 +65,11 @@ COMMAND_PACKAGES = {
     # Run by bench/peer.py (Python, not scanned here): the table still checks the package
     # ships it.
     "rsyslogd": "rsyslog",
+    # from scripts/host-packages-vagrant.txt (the VM lab: build-vagrant-box.sh, vagrant-smoke.sh)
+    "qemu-img": "qemu-utils", "mkfs.ext4": "e2fsprogs", "ip": "iproute2",
+    "slirp4netns": "slirp4netns", "virsh": "libvirt-clients",
+    # libvirt-daemon-system depends on libvirt-daemon, which ships them.
+    "libvirtd": "libvirt-daemon-system", "virtlogd": "libvirt-daemon-system",
 }
 # Commands reached through Debian's alternatives: the binary the package really ships.
 ALTERNATIVE_BINARIES = {"awk": "mawk"}
@@ -371,6 +379,7 @@ class Scan:
         case_states: list[str] = []  # per open `case`: "word", "pattern" or "body"
         skip_until: str | None = None  # "]]", or "do" (for ... in ...)
         wrapper: str | None = None
+        ip_words: list[str] = []
         i = 0
         while i < len(tokens):
             tok = tokens[i]
@@ -408,6 +417,15 @@ class Scan:
             if not expect:
                 if wrapper == "find" and word in ("-exec", "-execdir", "-ok"):
                     expect = True
+                elif wrapper == "ip":
+                    # `ip netns exec NAME COMMAND...` runs COMMAND on this machine.
+                    ip_words.append(word)
+                    if ip_words[:2] != ["netns", "exec"][:len(ip_words[:2])]:
+                        wrapper = None
+                    elif len(ip_words) == 3:
+                        expect, wrapper = True, None
+                elif wrapper == "trap" and word == "-":
+                    wrapper = None  # `trap - SIGNAL...`: reset; the rest are signal names
                 elif wrapper == "trap" and not word.startswith("-"):
                     line = self._line
                     self._streams.append(self._tokenize(word, 0, tok.line, None)[0])
@@ -452,8 +470,9 @@ class Scan:
             wrapper = None
             if word in _WRAPPERS or word == "command":
                 expect, wrapper = True, word
-            elif word in ("find", "trap"):
+            elif word in ("find", "trap", "ip"):
                 wrapper = word
+                ip_words = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,7 +556,7 @@ def problems(source: Source) -> list[str]:
     """What a fresh machine would lack to run ``source``: ``file:line: command (why)``."""
     scan = Scan.of(source.text)
     shell = _shell_words()
-    listed = set(_install_list())
+    listed = set(_install_list()) | set(_install_list(VAGRANT_LIST))
     rel = source.path.relative_to(TOP)
     out = []
     for line, word in scan.commands:
@@ -597,6 +616,10 @@ def test_the_scan_sees_the_commands_of_each_script() -> None:
                            "sed", "awk", "tee", "xargs"},
         "scripts/versions.sh": {"python3", "dirname", "pwd"},
         ".ci/run": {"date", "make", "scripts/install-host-packages.sh"},
+        "scripts/build-vagrant-box.sh": {"debootstrap", "mkfs.ext4", "qemu-img", "chroot", "tar",
+                                         "ssh-keygen", "sha256sum"},
+        "scripts/vagrant-smoke.sh": {"ip", "slirp4netns", "virtlogd", "libvirtd", "virsh",
+                                     "vagrant", "ssh", "curl", "tee", "pgrep"},
         "Makefile": {"python3", ".venv/bin/pip", ".venv/bin/pytest", "make", "scripts/lab.sh",
                      "sort"},
     }
@@ -623,6 +646,9 @@ def test_the_scan_sees_the_commands_of_each_script() -> None:
     ("a=(x y) && b+=(\"$(cpio)\")", {"cpio"}),
     ("x=${y:-$(cpio)}", {"cpio"}),
     ("exec cpio", {"exec", "cpio"}),
+    ('ip netns exec "$ns" cpio -i', {"ip", "cpio"}),
+    ("ip -n ns link set lo up && cpio", {"ip", "cpio"}),
+    ("trap - EXIT; cpio", {"trap", "cpio"}),
     ("{ echo; cpio; } > out", {"echo", "cpio"}),
     # Not this machine's: quoted code for a container, arguments of ssh, a here-document,
     # a probe, comments, case patterns and [[ ]] operands.
@@ -666,9 +692,14 @@ def test_one_install_list_for_ci_and_the_lab() -> None:
     assert installers == [INSTALLER], installers
     installer = (TOP / INSTALLER).read_text()
     assert "host-packages.txt" in installer
-    # The table's non-base packages are exactly the list (a stale entry or a missing one shows).
+    # The VM lab's extras go through the same installer, given the second list.
+    vagrant = _install_list(VAGRANT_LIST)
+    assert vagrant and len(vagrant) == len(set(vagrant)), vagrant
+    smoke = (TOP / "scripts" / "vagrant-smoke.sh").read_text()
+    assert f"$TOP/{INSTALLER}" in smoke and "host-packages-vagrant.txt" in smoke
+    # The table's non-base packages are in the lists (a stale entry or a missing one shows).
     table = set(COMMAND_PACKAGES.values()) - BASE_PACKAGES
-    assert table <= set(packages), sorted(table - set(packages))
+    assert table <= set(packages) | set(vagrant), sorted(table - set(packages) - set(vagrant))
 
 
 @functools.cache
@@ -729,7 +760,7 @@ def test_venv_tools_exist_in_the_running_venv() -> None:
 def test_no_path_of_a_machine_is_in_the_repository() -> None:
     """No absolute path of the machine a change was made on (its work tree, its notes, its home
     directory). Home directories inside Molecule's containers and the lab's hosts are theirs, not
-    this machine's."""
+    this machine's, and so are those of the image scripts/build-vagrant-box.sh writes."""
     if shutil.which("git") is None or not (TOP / ".git").exists():
         pytest.skip("not a git checkout")
     listed = subprocess.run(["git", "-C", str(TOP), "ls-files", "-z"], capture_output=True,
@@ -749,7 +780,8 @@ def test_no_path_of_a_machine_is_in_the_repository() -> None:
         for n, line in enumerate(text.splitlines(), 1):
             for m in forbidden.finditer(line):
                 inside_hosts = name.startswith(("molecule/", "roles/")) or (
-                    name == "scripts/lab.sh" and m.group() == "/" + "home/")
+                    name in ("scripts/lab.sh", "scripts/build-vagrant-box.sh")
+                    and m.group() == "/" + "home/")
                 if not inside_hosts:
                     found.append(f"{name}:{n}: {line.strip()[:120]}")
     assert not found, "\n".join(found)
