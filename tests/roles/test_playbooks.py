@@ -63,3 +63,16 @@ def test_site_tags_select_one_tier(tmp_path: Path, tier: str) -> None:
 def test_rolling_restart_tags_select_one_cluster(
         tmp_path: Path, tags: str, plays: set[str]) -> None:
     assert set(plays_with_tasks(tmp_path, "playbooks/rolling-restart.yml", tags)) == plays
+
+
+def test_paths_the_playbooks_name_exist() -> None:
+    """The headers point newcomers at files (two hops from site.yml): those files exist."""
+    named = set()
+    for playbook in [TOP / "site.yml", *sorted((TOP / "playbooks").glob("*.yml"))]:
+        for line in playbook.read_text().splitlines():
+            if line.lstrip().startswith("#"):
+                named |= set(re.findall(r"\b((?:roles|playbooks|scripts|systemd|docs)/[\w./-]*\w)",
+                                        line))
+    assert any("restart-node.yml" in n for n in named)
+    missing = sorted(n for n in named if not (TOP / n).exists())
+    assert not missing, missing
