@@ -38,10 +38,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="override logging.level")
 
 
+# The top-level help names the module that decides each behaviour an operator asks about, so the
+# answer is one file away (the package's modules: logpipe/<name>.py; the why: docs/DESIGN.md).
+WHERE = """\
+where each behaviour is decided (logpipe/<module>.py; why: docs/DESIGN.md):
+  consumer loop, batches, retries    consumer.py, retries.py, sender.py
+  committed offsets                  offsets.py: the first offset neither indexed (201/409)
+                                     nor acknowledged by the dead-letter topic
+  poison messages                    dlq.py: to kafka.dlq_topic with the reason in headers
+  document ids, bulk answers         bulk.py
+  the producer's count and rate      producer.py: producer.count in the config, which --count
+                                     overrides (the timer's unit passes no --count)
+  configuration keys and defaults    config.py (logpipe config show prints the effective one)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="logpipe",
-        description="Web-log pipeline: Faker producer -> Kafka -> consumer -> Elasticsearch.")
+        description="Web-log pipeline: Faker producer -> Kafka -> consumer -> Elasticsearch.",
+        epilog=WHERE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"logpipe {__version__}")
     _add_common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

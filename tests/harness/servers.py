@@ -154,7 +154,7 @@ def elasticsearch_home() -> Path:
     """
     zip_path = _fetch("fetch-elasticsearch.sh")
     dest_root = CACHE / "elasticsearch" / "dist"
-    dest = dest_root / zip_path.stem  # elasticsearch-8.19.21
+    dest = dest_root / zip_path.stem  # elasticsearch-<version>
     if (dest / ".complete").exists():
         return dest
     dest_root.mkdir(parents=True, exist_ok=True)

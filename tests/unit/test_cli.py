@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import tomllib
 from datetime import date
@@ -41,6 +42,12 @@ def test_top_level_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     for name in ("produce", "bootstrap", "consume", "status", "check", "config"):
         assert name in out
+    # Every module the help names as deciding a behaviour exists (two hops: help, then the file).
+    where = out[out.index("where each behaviour is decided"):]
+    named = set(re.findall(r"\b([a-z]+)\.py\b", where))
+    assert {"offsets", "dlq", "producer", "consumer"} <= named
+    for module in named:
+        assert (Path(cli.__file__).parent / f"{module}.py").is_file(), module
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
