@@ -6,11 +6,10 @@ connects to no host) on the example inventory."""
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
-from harness.playbook import ANSIBLE_PLAYBOOK, ansible_env
+from harness.playbook import ANSIBLE_PLAYBOOK, run_playbook
 
 TOP = Path(__file__).resolve().parents[2]
 EXAMPLE = TOP / "inventories" / "example"
@@ -30,11 +29,8 @@ pytestmark = pytest.mark.skipif(
 
 def plays_with_tasks(tmp: Path, playbook: str, tags: str | None) -> dict[str, int]:
     """{play name: number of tasks listed} for the plays that have any, as --list-tasks says."""
-    cmd = [ANSIBLE_PLAYBOOK, "-i", str(EXAMPLE), playbook, "--list-tasks"]
-    if tags:
-        cmd += ["--tags", tags]
-    proc = subprocess.run(cmd, cwd=TOP, env=ansible_env(tmp), capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = run_playbook(tmp, EXAMPLE, TOP / playbook, "--list-tasks",
+                        *(["--tags", tags] if tags else []))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     counts: dict[str, int] = {}
     play = ""
