@@ -10,7 +10,9 @@ fi
 if ! pgrep -x dockerd >/dev/null; then
   echo "ensure-docker: starting dockerd" >&2
   mkdir -p /var/log
-  nohup dockerd >/var/log/dockerd.log 2>&1 &
+  # Its own session (setsid): dockerd must outlive whatever started it. Started from a job that
+  # later ends, it was killed with that job's process group, and every container with it.
+  setsid nohup dockerd >>/var/log/dockerd.log 2>&1 </dev/null &
 fi
 for _ in $(seq 1 60); do
   docker info >/dev/null 2>&1 && exit 0

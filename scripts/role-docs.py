@@ -180,38 +180,39 @@ def role_dirs() -> list[Path]:
     return sorted(p.parent.parent for p in ROLES.glob("*/meta/argument_specs.yml"))
 
 
+def refresh(path: Path, new: str, what: str, write: bool) -> bool:
+    """Whether `path` differs from `new`; rewritten when `write`."""
+    if path.read_text() == new:
+        return False
+    if write:
+        path.write_text(new)
+        print(f"{path.relative_to(TOP)}: {what} rewritten")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="report differences, write nothing")
     args = parser.parse_args(argv)
-    differ: list[str] = []
+    differ: list[Path] = []
     missing: list[str] = []
     for role_dir in role_dirs():
+        specs = load_specs(role_dir)
         defaults = role_dir / "defaults" / "main.yml"
-        if defaults.exists():
-            old = defaults.read_text()
-            new = render_defaults(old, load_specs(role_dir))
-            if new != old:
-                differ.append(str(defaults.relative_to(TOP)))
-                if not args.check:
-                    defaults.write_text(new)
-                    print(f"{defaults.relative_to(TOP)}: comments rewritten")
+        if defaults.exists() and refresh(
+                defaults, render_defaults(defaults.read_text(), specs), "comments", not args.check):
+            differ.append(defaults)
         readme = role_dir / "README.md"
         where = str(readme.relative_to(TOP))
-        old = readme.read_text()
-        if not MARKERS.search(old):
+        text = readme.read_text()
+        if not MARKERS.search(text):
             print(f"{where}: no role-docs markers", file=sys.stderr)
             missing.append(where)
-            continue
-        new = render_readme(old, load_specs(role_dir), where)
-        if new != old:
-            differ.append(where)
-            if not args.check:
-                readme.write_text(new)
-                print(f"{where}: tables rewritten")
+        elif refresh(readme, render_readme(text, specs, where), "tables", not args.check):
+            differ.append(readme)
     if args.check and differ:
         print("variable docs differ from meta/argument_specs.yml (run make role-docs): "
-              + ", ".join(differ), file=sys.stderr)
+              + ", ".join(str(p.relative_to(TOP)) for p in differ), file=sys.stderr)
         return 1
     return 1 if missing else 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness.playbook import ANSIBLE_PLAYBOOK, ansible_env
+from harness.playbook import ANSIBLE_PLAYBOOK, run_playbook
 
 TOP = Path(__file__).resolve().parents[2]
 
@@ -28,9 +28,7 @@ def _check(tmp: Path, extra: dict[str, str]) -> subprocess.CompletedProcess[str]
         "ansible.builtin.include_role": {"name": "logpipe", "tasks_from": "assert.yml"},
         "vars": extra}]}]
     (tmp / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
-    return subprocess.run(
-        [ANSIBLE_PLAYBOOK, "-i", str(tmp / "inventory"), str(tmp / "play.yml")],
-        cwd=TOP, env=ansible_env(tmp), capture_output=True, text=True, timeout=300, check=False)
+    return run_playbook(tmp, tmp / "inventory", tmp / "play.yml")
 
 
 def test_missing_units_dir_is_named(tmp_path: Path) -> None:

@@ -6,11 +6,10 @@ connects to no host) on the example inventory."""
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
-from harness.playbook import ANSIBLE_PLAYBOOK, ansible_env
+from harness.playbook import ANSIBLE_PLAYBOOK, run_playbook
 
 TOP = Path(__file__).resolve().parents[2]
 EXAMPLE = TOP / "inventories" / "example"
@@ -30,11 +29,8 @@ pytestmark = pytest.mark.skipif(
 
 def plays_with_tasks(tmp: Path, playbook: str, tags: str | None) -> dict[str, int]:
     """{play name: number of tasks listed} for the plays that have any, as --list-tasks says."""
-    cmd = [ANSIBLE_PLAYBOOK, "-i", str(EXAMPLE), playbook, "--list-tasks"]
-    if tags:
-        cmd += ["--tags", tags]
-    proc = subprocess.run(cmd, cwd=TOP, env=ansible_env(tmp), capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = run_playbook(tmp, EXAMPLE, TOP / playbook, "--list-tasks",
+                        *(["--tags", tags] if tags else []))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     counts: dict[str, int] = {}
     play = ""
@@ -63,3 +59,16 @@ def test_site_tags_select_one_tier(tmp_path: Path, tier: str) -> None:
 def test_rolling_restart_tags_select_one_cluster(
         tmp_path: Path, tags: str, plays: set[str]) -> None:
     assert set(plays_with_tasks(tmp_path, "playbooks/rolling-restart.yml", tags)) == plays
+
+
+def test_paths_the_playbooks_name_exist() -> None:
+    """The headers point newcomers at files (two hops from site.yml): those files exist."""
+    named = set()
+    for playbook in [TOP / "site.yml", *sorted((TOP / "playbooks").glob("*.yml"))]:
+        for line in playbook.read_text().splitlines():
+            if line.lstrip().startswith("#"):
+                named |= set(re.findall(r"\b((?:roles|playbooks|scripts|systemd|docs)/[\w./-]*\w)",
+                                        line))
+    assert any("restart-node.yml" in n for n in named)
+    missing = sorted(n for n in named if not (TOP / n).exists())
+    assert not missing, missing

@@ -55,7 +55,7 @@ COMMAND_PACKAGES = {
     "find": "findutils", "xargs": "findutils",
     "grep": "grep", "sed": "sed", "cmp": "diffutils", "diff": "diffutils", "tar": "tar",
     "gzip": "gzip", "awk": "mawk", "bash": "bash", "dpkg": "dpkg", "dpkg-query": "dpkg",
-    "apt-get": "apt", "apt-cache": "apt", "flock": "util-linux",
+    "apt-get": "apt", "apt-cache": "apt", "flock": "util-linux", "setsid": "util-linux",
     # from scripts/host-packages.txt
     "make": "make", "python3": "python3",
     "docker": "docker.io", "dockerd": "docker.io", "pgrep": "procps",
@@ -87,7 +87,7 @@ DYNAMIC_COMMANDS = {
 }
 
 # Wrappers whose next word is a command run on this machine.
-_WRAPPERS = {"nohup", "exec", "time", "builtin", "env", "xargs"}
+_WRAPPERS = {"nohup", "setsid", "exec", "time", "builtin", "env", "xargs"}
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^]]*\])?\+?=")
 _SEPARATORS = {"\n", ";", "&", "&&", "||", "|", "|&", "(", ")", ";;", ";&", ";;&"}
 _REDIRECTS = {">", ">>", "<", ">&", "<&", "&>", "&>>", ">|", "<<", "<<-", "<<<", "<>"}
@@ -609,7 +609,8 @@ def test_the_scan_sees_the_commands_of_each_script() -> None:
     expected = {
         "scripts/build-wheelhouse.sh": {"python3", "$pip", "find", "touch", "cmp", "sha256sum",
                                         "cp", "mktemp", "rm"},
-        "scripts/ensure-docker.sh": {"docker", "dockerd", "pgrep", "nohup", "seq", "sleep"},
+        "scripts/ensure-docker.sh": {"docker", "dockerd", "pgrep", "setsid", "nohup", "seq",
+                                     "sleep"},
         "scripts/build-base-image.sh": {"debootstrap", "docker", "grep", "awk", "tar"},
         "scripts/fetch-kafka.sh": {"mvn", "ls", "touch"},
         "scripts/lab.sh": {"ssh", "python3", "ansible-playbook", "ansible-inventory", "sed", "awk",
