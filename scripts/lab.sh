@@ -88,7 +88,8 @@ cmd_up() {
   log "site.yml finished in $(( $(date +%s) - started )) s since start: changed=$changed"
 
   log "one producer run, then scripts/lab-status.yml"
-  lab_playbook scripts/lab-status.yml -e lab_produce=true || log "lab-status found a problem (above)"
+  lab_playbook scripts/lab-status.yml -e lab_produce=true \
+    || die "the lab is up but scripts/lab-status.yml found a problem (above); make lab-status checks again"
   echo
   echo "Next:"
   echo "  make lab-status            units on every host and logpipe check (non-zero exit when something is wrong)"
