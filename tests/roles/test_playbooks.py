@@ -190,8 +190,9 @@ ROLES = ["common", "kafka", "elasticsearch", "kibana", "logpipe"]
 
 
 def test_a_roles_checks_are_gated_on_its_selection() -> None:
-    """Tagged always, a role's checks and facts would also run under `--tags <another tier>`, and
-    fail there on a tier not installed yet: each is gated on __<role>_selected."""
+    """Tagged always, a role's checks and facts (and its tier playbook's fact gathering) would
+    also run under `--tags <another tier>`, and fail there on a tier not installed yet: each is
+    gated on __<role>_selected."""
     ungated = []
     for role in ROLES:
         main = TOP / "roles" / role / "tasks" / "main.yml"
@@ -199,6 +200,9 @@ def test_a_roles_checks_are_gated_on_its_selection() -> None:
             if ("always" in (task.get("tags") or []) and "ansible.builtin.meta" not in task
                     and f"__{role}_selected" not in str(task.get("when", ""))):
                 ungated.append(f"{role}: {task['name']}")
+        for play in yaml.safe_load((TOP / "playbooks" / f"{role}.yml").read_text()):
+            ungated += [f"playbooks/{role}.yml: {task['name']}" for task in play.get("pre_tasks", [])
+                        if task.get("when") != f"__{role}_selected"]
     assert not ungated, ungated
 
 
