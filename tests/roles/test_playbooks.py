@@ -201,7 +201,8 @@ def test_a_roles_checks_are_gated_on_its_selection() -> None:
                     and f"__{role}_selected" not in str(task.get("when", ""))):
                 ungated.append(f"{role}: {task['name']}")
         for play in yaml.safe_load((TOP / "playbooks" / f"{role}.yml").read_text()):
-            ungated += [f"playbooks/{role}.yml: {task['name']}" for task in play.get("pre_tasks", [])
+            ungated += [f"playbooks/{role}.yml: {task['name']}"
+                        for task in play.get("pre_tasks", [])
                         if task.get("when") != f"__{role}_selected"]
     assert not ungated, ungated
 
