@@ -27,6 +27,8 @@ from harness.tls import HttpsServer
 
 TOP = Path(__file__).resolve().parents[2]
 ROLE = TOP / "roles" / "kibana"
+# How a systemd host runs in a container, stated once (Molecule, the lab and this test).
+SYSTEMD_CONTAINERS = TOP / "molecule" / "shared" / "tasks" / "systemd-containers.yml"
 # What the fake Kibana reports: the version the role pins.
 KIBANA_VERSION = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())["kibana_version"]
 
@@ -741,22 +743,17 @@ def test_converge_kibana_for_real(tmp_path: Path) -> None:
             "tasks": [
                 {"name": "Network", "community.docker.docker_network": {"name": network}},
                 {
+                    # Run the way every Molecule scenario and the lab run a systemd host.
                     "name": "Container",
-                    "community.docker.docker_container": {
-                        "name": name,
-                        "hostname": name,
-                        "image": "logpipe-base:bookworm",
-                        "pull": False,
-                        "command": "/lib/systemd/systemd",
-                        "capabilities": ["SYS_ADMIN", "NET_ADMIN"],
-                        "security_opts": ["seccomp=unconfined"],
-                        "cgroupns_mode": "host",
-                        "volumes": ["/sys/fs/cgroup:/sys/fs/cgroup:rw"],
-                        "tmpfs": ["/run", "/run/lock", "/tmp"],
-                        "stop_signal": "SIGRTMIN+3",
-                        "env": {"container": "docker"},
-                        "networks": [{"name": network}],
-                        "state": "started",
+                    "ansible.builtin.include_tasks": str(SYSTEMD_CONTAINERS),
+                    "vars": {
+                        "systemd_containers": [
+                            {
+                                "name": name,
+                                "image": "logpipe-base:bookworm",
+                                "networks": [{"name": network}],
+                            }
+                        ]
                     },
                 },
                 {
