@@ -89,9 +89,10 @@ class ConsumerConfig:
     poll_timeout_s: float = 0.25
     # Bulk requests sent in parallel for one batch (the batch is split into this many chunks).
     bulk_concurrency: int = 1
-    # Batches in hand at once: with 2, the next batch is fetched, built and queued while one is
-    # indexed, so Elasticsearch never waits for the consumer. Memory grows with it (batch_size
-    # messages each); requests in flight stay at most bulk_concurrency.
+    # Batches in hand at once, each sent as soon as it is built: with 2, the next batch is
+    # fetched, built and in flight while one is indexed, so Elasticsearch never waits for the
+    # consumer. Memory grows with it (batch_size messages each); requests in flight are at most
+    # bulk_concurrency x pipeline_depth.
     pipeline_depth: int = 2
     # A batch also closes once its messages hold this many bytes: with pipeline_depth, bounds
     # the memory in hand when messages are large (batch_size of ~400-byte logs is ~200 KB).

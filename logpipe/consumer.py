@@ -246,6 +246,7 @@ class SinkConsumer:
             self._dlq = DeadLetterQueue(kcfg, tick=self._watchdog.ping)
         self._sender = BulkSender(self._es, hosts=self.cfg.elasticsearch.hosts,
                                   concurrency=ccfg.bulk_concurrency,
+                                  in_flight=ccfg.bulk_concurrency * ccfg.pipeline_depth,
                                   max_bulk_bytes=ccfg.max_bulk_bytes, metrics=self.metrics)
 
     def _close(self) -> None:

@@ -782,8 +782,8 @@ def test_the_next_batch_is_built_while_one_is_indexed_and_commits_are_asynchrono
     thread = threading.Thread(target=consumer.run)
     thread.start()
     deadline = time.monotonic() + 5
-    # The first request hangs; the consumer has fetched and queued the second batch meanwhile,
-    # and no more (pipeline_depth 2), with one request in flight (bulk_concurrency 1).
+    # The first request hangs; the consumer has fetched the second batch meanwhile and sent it
+    # too, and no more (pipeline_depth 2: both batches in hand in flight, bulk_concurrency 1).
     while kafka.next[0] < 20 and time.monotonic() < deadline:
         time.sleep(0.005)
     time.sleep(0.1)
@@ -793,7 +793,7 @@ def test_the_next_batch_is_built_while_one_is_indexed_and_commits_are_asynchrono
         time.sleep(0.005)
     consumer.stop()
     thread.join(5)
-    assert consumer.indexed == 40 and es.most_at_once == 1
+    assert consumer.indexed == 40 and es.most_at_once == 2
     # Batches were committed without waiting for the broker; shutdown committed synchronously.
     assert kafka.async_commits >= 1
     assert kafka.committed_position(0) == 40
