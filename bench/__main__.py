@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import core, measure, peer, report, scaling, security
+from bench import core, measure, peer, placement, report, scaling, security
 from bench.core import BenchPipeline, log, new_name
 from logpipe.config import ConsumerConfig
 from logpipe.generator import LogGenerator
@@ -43,6 +43,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--poll-timeout", type=float,
                    help="consumer poll_timeout_s (default: the package default)")
     p.add_argument("--rounds", type=int, default=3, help="consumer runs (each between ceilings)")
+    p.add_argument("--shared-rounds", type=int, default=2,
+                   help="consumer runs of the same comparison with every process sharing every "
+                        "core (consumer_ratio_shared; 0: none)")
+    p.add_argument("--placement", choices=["isolated", "shared"], default="isolated",
+                   help="isolated (default): Elasticsearch on cores of its own, as deployed, "
+                        "everything else on the others (bench/placement.py); shared: no pinning")
     p.add_argument("--latency-rate", type=float, default=1000.0,
                    help="produce rate of the end-to-end latency run (and rsyslog's beside it)")
     p.add_argument("--latency-rate-high", type=float, default=5000.0,
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     quick = args.quick
     producer_msgs = args.producer_msgs or (30_000 if quick else 50_000)
-    consumer_docs = args.consumer_docs or (20_000 if quick else 40_000)
+    consumer_docs = args.consumer_docs or (40_000 if quick else 100_000)
+    security_docs = 20_000 if quick else 40_000
     latency_duration = args.latency_duration or (20.0 if quick else 40.0)
     args.latency_duration = latency_duration
     scaling_docs = args.scaling_docs or (30_000 if quick else 60_000)
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=core.REPO / ".cache"))
     if args.security_only:
-        return security_only(args, workdir, producer_msgs, consumer_docs, command, started_at,
+        return security_only(args, workdir, producer_msgs, security_docs, command, started_at,
                              began, load_before)
     peer_docs = args.peer_docs or (50_000 if quick else 100_000)
     if args.peer_kill_docs is None:
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = pipe.config()
         measure.ensure_topic(cfg, pipe.topic)
         es_pgid = es._proc.pid if es._proc is not None else None
+        server_pgids = core.server_pgids(kafka, es)
         versions = report.versions(es.url)
         results["settings"] = {
             "batch_size": args.batch_size, "bulk_concurrency": args.bulk_concurrency,
@@ -159,12 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         produce(bcfg, consumer_docs, seed=11)
         messages = measure.read_messages(kafka.bootstrap_servers, backlog_topic)
         backlog = len(messages)
-        # Warm Elasticsearch up once (JIT, first index creation) before anything is timed: a
-        # cold node indexes far slower for its first tens of thousands of documents.
-        warm = new_name("bench-warm")
-        measure.ensure_index_template(cfg, warm)
-        measure.bulk_ceiling(es.http_port, measure.build_bodies(
-            messages[:20_000], warm, args.batch_size, args.bulk_concurrency), es_pgid)
+        # Warm Elasticsearch up until its rate settles (JIT) before anything is timed, on every
+        # core; then place the processes and let it settle there.
+        results["warmup"] = warm_and_place(cfg, es.http_port, messages, es_pgid, server_pgids,
+                                           args)
         lap("backlog and warm-up")
         if args.sweep:
             results["sweep"] = sweep(pipe, cfg, messages, es_pgid, backlog_topic)
@@ -178,7 +184,17 @@ def main(argv: list[str] | None = None) -> int:
         if "consumer" not in args.skip:
             log(f"consumer: backlog {backlog:,} messages, {args.rounds} round(s)")
             results["consumer"] = consumer_bench(pipe, cfg, messages, es_pgid, args,
-                                                 backlog_topic)
+                                                 backlog_topic, rounds=args.rounds)
+            results["consumer"]["placement"] = results["warmup"]["placement"]
+            if args.placement == "isolated" and args.shared_rounds > 0:
+                # The same comparison with every process on every core: what this machine's
+                # sharing costs the consumer (see bench/placement.py).
+                shared = placement.share(server_pgids.all)
+                log(f"consumer, {shared.describe()}: {args.shared_rounds} round(s)")
+                results["consumer_shared"] = consumer_bench(
+                    pipe, cfg, messages, es_pgid, args, backlog_topic, rounds=args.shared_rounds)
+                results["consumer_shared"]["placement"] = dataclasses.asdict(shared)
+                placement.isolate(server_pgids.es, server_pgids.kafka)
             if args.profile:
                 results["consumer"]["profile"] = {}
                 for kind in ("wall", "cpu"):
@@ -237,8 +253,13 @@ def main(argv: list[str] | None = None) -> int:
 
         # -- what security costs -------------------------------------------------------------
         if "security" not in args.skip:
+            # Its own servers, started now, compared with these: every process on every core,
+            # so neither pair is favoured by where it was started.
+            placement.share(server_pgids.all)
             results["security"] = dataclasses.asdict(
-                security_part(pipe, workdir, args, producer_msgs, consumer_docs))
+                security_part(pipe, workdir, args, producer_msgs, security_docs))
+            if args.placement == "isolated":
+                placement.isolate(server_pgids.es, server_pgids.kafka)
         lap("security")
 
         # -- a peer: rsyslog -------------------------------------------------------------------
@@ -328,16 +349,16 @@ def peer_only(args: argparse.Namespace, workdir: Path, peer_docs: int, command: 
         pipe = BenchPipeline(kafka, es, workdir / "plain", "bench", partitions=6)
         pipe.write_config(**_pipe_settings(args))
         cfg = pipe.config()
-        # Warm Elasticsearch up before anything is timed, as the full run does.
-        warm = new_name("bench-warm")
-        measure.ensure_index_template(cfg, warm)
+        # Warm Elasticsearch up and place the processes before anything is timed, as the full
+        # run does.
         warm_topic = new_name("bench-warm")
         measure.ensure_topic(cfg, warm_topic)
-        produce(cfg.replace("kafka", topic=warm_topic, dlq_topic=f"{warm_topic}.dlq"), 20_000,
+        produce(cfg.replace("kafka", topic=warm_topic, dlq_topic=f"{warm_topic}.dlq"), 50_000,
                 seed=5)
-        measure.bulk_ceiling(es.http_port, measure.build_bodies(
-            measure.read_messages(kafka.bootstrap_servers, warm_topic), warm, args.batch_size,
-            1), None)
+        warm_and_place(cfg, es.http_port,
+                       measure.read_messages(kafka.bootstrap_servers, warm_topic),
+                       es._proc.pid if es._proc is not None else None,
+                       core.server_pgids(kafka, es), args)
         if args.peer_kill_only:
             kills = [dataclasses.asdict(k) for k in peer.kill_test(
                 pipe, cfg, workdir, backlog=args.peer_kill_docs, batch_size=args.batch_size)]
@@ -398,20 +419,45 @@ def write_security(figures: dict[str, Any], meta: dict[str, Any]) -> None:
     security.write_markdown(core.REPO / "docs" / "BENCHMARKS.md", figures)
 
 
+def warm_and_place(cfg: Any, port: int, messages: list[tuple[bytes, bytes]],
+                   es_pgid: int | None, server_pgids: core.ServerGroups,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """Warm Elasticsearch up on every core (its JIT compiles faster there), then, unless
+    ``--placement shared``, give it cores of its own and wait until it settles again."""
+    kw = {"batch_size": args.batch_size, "concurrency": args.bulk_concurrency,
+          "es_pgid": es_pgid}
+    first = measure.warm_up(cfg, port, messages, **kw,
+                            min_docs=100_000 if args.quick else 300_000)
+    out: dict[str, Any] = {"shared": dataclasses.asdict(first)}
+    if args.placement == "isolated" and server_pgids.es:
+        placed = placement.isolate(server_pgids.es, server_pgids.kafka)
+        log(f"placement: {placed.describe()}")
+        out["placement"] = dataclasses.asdict(placed)
+        out["placed"] = dataclasses.asdict(measure.warm_up(
+            cfg, port, messages, **kw, min_docs=0, max_seconds=60.0, label="warm-up, placed"))
+    else:
+        out["placement"] = dataclasses.asdict(placement.share(server_pgids.all))
+    return out
+
+
 def consumer_bench(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, bytes]],
-                   es_pgid: int | None, args: argparse.Namespace, topic: str) -> dict[str, Any]:
+                   es_pgid: int | None, args: argparse.Namespace, topic: str, *,
+                   rounds: int) -> dict[str, Any]:
     """Ceiling, then (the real consumer, ceiling) per round; each consumer run against the mean
-    of the ceilings around it."""
+    of the ceilings around it. The ceiling has as many requests in flight as the consumer can
+    (a request per part of every batch in hand: bulk_concurrency x pipeline_depth), each taking
+    the next body as soon as it is answered."""
     port = pipe.es_node.http_port
     bs, conc = args.batch_size, args.bulk_concurrency
+    inflight = conc * cfg.consumer.pipeline_depth
     ceilings: list[dict[str, Any]] = []
     consumers: list[dict[str, Any]] = []
 
     def ceiling() -> None:
         index = new_name("bench-ceil")
         measure.ensure_index_template(cfg, index)
-        bodies = measure.build_bodies(messages, index, bs, conc)
-        bf = measure.bulk_ceiling(port, bodies, es_pgid)
+        bf = measure.consumer_ceiling(port, messages, index, batch_size=bs, concurrency=conc,
+                                      inflight=inflight, es_pgid=es_pgid)
         count = measure.es_count(port, f"{index}-*")
         log(f"bulk ceiling: {bf.docs_per_s:,.0f} docs/s ({bf.docs} docs, {bf.errors} errors, "
             f"{count} in ES)")
@@ -432,7 +478,7 @@ def consumer_bench(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, by
     # ceiling, (consumer, ceiling) x rounds: each consumer run is compared with the mean of the
     # ceiling runs just before and after it (the machine's load drifts).
     ceiling()
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         consumer()
         ceiling()
     ratios = [c["steady_docs_per_s"] / ((ceilings[i]["docs_per_s"]
@@ -446,6 +492,7 @@ def consumer_bench(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, by
         "ceiling_docs_per_s": sum(c["docs_per_s"] for c in ceilings) / len(ceilings),
         "hwm_mib": max(c["hwm_mib"] for c in consumers),
         "docs": consumers[0]["docs"],
+        "inflight": inflight,
         "cpu_s": sum(c["cpu_s"] for c in consumers) / len(consumers),
         "es_cpu_s": sum(c["es_cpu_s"] for c in consumers) / len(consumers),
         "batches": consumers[0]["batches"],
@@ -473,8 +520,9 @@ def sweep(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, bytes]],
         for _ in range(2):
             index = new_name("bench-ceil")
             measure.ensure_index_template(cfg, index, refresh_interval=refresh)
-            bodies = measure.build_bodies(messages, index, bs * procs, conc * procs)
-            ceil.append(measure.bulk_ceiling(port, bodies, es_pgid).docs_per_s)
+            ceil.append(measure.consumer_ceiling(
+                port, messages, index, batch_size=bs, concurrency=conc,
+                inflight=conc * procs * cfg.consumer.pipeline_depth, es_pgid=es_pgid).docs_per_s)
             if len(ceil) == 1:
                 index = new_name("bench-cons")
                 measure.ensure_index_template(cfg, index, refresh_interval=refresh)
@@ -497,8 +545,9 @@ def sweep(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, bytes]],
         log(f"sweep streaming_bulk: {rate:,.0f} docs/s")
         index = new_name("bench-ceil")
         measure.ensure_index_template(cfg, index)
-        ceiling = measure.bulk_ceiling(port, measure.build_bodies(messages, index, 500, 1),
-                                       es_pgid).docs_per_s
+        # streaming_bulk has one request in flight.
+        ceiling = measure.consumer_ceiling(port, messages, index, batch_size=500, concurrency=1,
+                                           inflight=1, es_pgid=es_pgid).docs_per_s
         rows.append({"setting": "helpers.streaming_bulk, batch 500, "
                                 + ("orjson" if use_orjson else "default json") + " serializer",
                      "consumer_docs_per_s": rate, "ceiling_docs_per_s": ceiling,

@@ -32,7 +32,7 @@ from harness.servers import (  # noqa: E402
 from harness.servers import start_servers as servers  # noqa: E402
 
 __all__ = ["ADMIN_USER", "PRODUCER_USER", "BenchPipeline", "ElasticsearchNode", "KafkaCluster",
-           "Pipeline", "Spawned", "parse_events", "servers", "vm_status_kib"]
+           "Pipeline", "ServerGroups", "Spawned", "parse_events", "servers", "vm_status_kib"]
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -61,6 +61,24 @@ class BenchPipeline(Pipeline):  # type: ignore[misc]
         for key, value in consumer.items():
             env[f"LOGPIPE_CONSUMER_{key.upper()}"] = str(value)
         return env
+
+
+@dataclass(frozen=True)
+class ServerGroups:
+    """Process groups of the harness servers (each is started in a session of its own)."""
+
+    es: list[int]
+    kafka: list[int]
+
+    @property
+    def all(self) -> list[int]:
+        return self.es + self.kafka
+
+
+def server_pgids(kafka: KafkaCluster, es: ElasticsearchNode) -> ServerGroups:
+    return ServerGroups(
+        [es._proc.pid] if es._proc is not None and es._proc.pid else [],
+        [n.proc.pid for n in kafka._nodes if n.proc is not None and n.proc.pid])
 
 
 def new_name(prefix: str) -> str:

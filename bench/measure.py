@@ -241,6 +241,53 @@ def bulk_ceiling(port: int, batches: list[list[bytes]], es_pgid: int | None, *,
     return BulkFigures(docs, elapsed, sum(p.errors for p in posters), cpu)
 
 
+def es_delete(port: int, pattern: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("DELETE", f"/{pattern}?expand_wildcards=open,closed")
+        conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+@dataclass
+class WarmUp:
+    docs_per_s: list[float]
+    docs: int
+    seconds: float
+    stable: bool
+
+
+def warm_up(cfg: Config, port: int, messages: Sequence[tuple[bytes, bytes]], *, batch_size: int,
+            concurrency: int, es_pgid: int | None, min_docs: int = 300_000,
+            max_seconds: float = 150.0, label: str = "warm-up") -> WarmUp:
+    """Ceiling runs over ``messages`` until Elasticsearch's rate settles: at least ``min_docs``
+    indexed, then until the last three runs are within 10 % of each other (or ``max_seconds``).
+
+    A fresh node's JIT keeps speeding it up for the first ~600,000 documents (measured
+    2026-11-30: 5,200 -> 12,500 -> 20,900 -> 23,300 -> 30,200 docs/s over the first five
+    runs of 100,000, flat from the sixth on). A comparison started before that compares each
+    run with a faster node than the one before it. Each run's indices are deleted after it."""
+    rates: list[float] = []
+    docs = 0
+    began = time.monotonic()
+    stable = False
+    while time.monotonic() - began < max_seconds:
+        index = f"bench-warm-{len(rates)}-{time.monotonic_ns() % 10**8}"
+        ensure_index_template(cfg, index)
+        bf = bulk_ceiling(port, build_bodies(messages, index, batch_size, concurrency), es_pgid)
+        es_delete(port, f"{index}-*")
+        rates.append(bf.docs_per_s)
+        docs += bf.docs
+        last = rates[-3:]
+        stable = docs >= min_docs and len(last) == 3 and max(last) <= 1.10 * min(last)
+        log(f"{label} {len(rates)}: {bf.docs_per_s:,.0f} docs/s ({docs:,} docs so far)"
+            + (", settled" if stable else ""))
+        if stable:
+            break
+    return WarmUp(rates, docs, time.monotonic() - began, stable)
+
+
 def bulk_ceiling_streams(port: int, bodies: Sequence[bytes], inflight: int,
                          es_pgid: int | None) -> BulkFigures:
     """Post pre-built bodies with ``inflight`` requests in flight at all times: that many
@@ -270,6 +317,17 @@ def bulk_ceiling_streams(port: int, bodies: Sequence[bytes], inflight: int,
     for p in posters:
         p.close()
     return BulkFigures(docs, elapsed, sum(p.errors for p in posters), cpu)
+
+
+def consumer_ceiling(port: int, messages: Sequence[tuple[bytes, bytes]], index_prefix: str, *,
+                     batch_size: int, concurrency: int, inflight: int,
+                     es_pgid: int | None) -> BulkFigures:
+    """The raw ceiling of a consumer's request shapes: bodies of ``batch_size / concurrency``
+    documents, ``inflight`` of them in flight (what the consumer may have: bulk_concurrency x
+    pipeline_depth per process), each connection posting its next as soon as it is answered."""
+    bodies = [b for batch in build_bodies(messages, index_prefix, batch_size, concurrency)
+              for b in batch]
+    return bulk_ceiling_streams(port, bodies, inflight, es_pgid)
 
 
 def ensure_index_template(cfg: Config, index_prefix: str, **settings: Any) -> None:

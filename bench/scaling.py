@@ -12,9 +12,10 @@ ceilings around it (the machine's load drifts), as in the main consumer comparis
   the package's producer settings), and the rate runs from the end of that write to the last
   commit. So process start-up, the group join and its rebalances, and the producer's CPU are
   not in it (``measure.run_consumer`` with ``fill``).
-- The ceiling with N in flight is N persistent connections, each posting the next pre-built
-  500-document body as soon as its previous one is answered: what N independent consumers with
-  one request each could at best do (``measure.bulk_ceiling_streams``).
+- The ceiling with N x ``pipeline_depth`` in flight is that many persistent connections, each
+  posting the next pre-built 500-document body as soon as its previous one is answered: what N
+  independent consumers, each with every batch in hand in flight, could at best do
+  (``measure.bulk_ceiling_streams``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ COUNTS = (1, 2, 4)
 @dataclass
 class ScalingRow:
     consumers: int
-    inflight: int  # requests in flight of the ceiling: one per consumer
+    inflight: int  # requests in flight of the ceiling: pipeline_depth per consumer
     consumer_docs_per_s: float
     ceiling_docs_per_s: float  # mean of the runs before and after
     ratio: float
@@ -47,9 +48,9 @@ class ScalingRow:
 
 
 def row(consumers: int, consumer_docs_per_s: float, ceilings: Sequence[float],
-        **details: Any) -> ScalingRow:
+        inflight: int | None = None, **details: Any) -> ScalingRow:
     ceiling = statistics.fmean(ceilings)
-    return ScalingRow(consumers, consumers, consumer_docs_per_s, ceiling,
+    return ScalingRow(consumers, inflight or consumers, consumer_docs_per_s, ceiling,
                       consumer_docs_per_s / ceiling if ceiling > 0 else float("nan"),
                       list(ceilings), **details)
 
@@ -63,17 +64,18 @@ def run(pipe: BenchPipeline, cfg: Any, messages: Sequence[tuple[bytes, bytes]],
     def ceiling(inflight: int) -> float:
         index = new_name("bench-scale-ceil")
         measure.ensure_index_template(cfg, index)
-        bodies = [b[0] for b in measure.build_bodies(messages, index, batch_size, 1)]
-        bf = measure.bulk_ceiling_streams(port, bodies, inflight, es_pgid)
+        bf = measure.consumer_ceiling(port, messages, index, batch_size=batch_size,
+                                      concurrency=1, inflight=inflight, es_pgid=es_pgid)
         if bf.errors:
             raise RuntimeError(f"scaling ceiling ({inflight} in flight): {bf.errors} errors")
         return bf.docs_per_s
 
+    depth = cfg.consumer.pipeline_depth
     for n in counts:
         topic = new_name("bench-scale")
         measure.ensure_topic(cfg, topic, partitions=PARTITIONS)
         tcfg = cfg.replace("kafka", topic=topic, dlq_topic=f"{topic}.dlq")
-        before = ceiling(n)
+        before = ceiling(n * depth)
         index = new_name("bench-scale")
         measure.ensure_index_template(cfg, index)
         cf = measure.run_consumer(
@@ -81,11 +83,12 @@ def run(pipe: BenchPipeline, cfg: Any, messages: Sequence[tuple[bytes, bytes]],
             es_pgid=es_pgid, topic=topic, processes=n, partitions=PARTITIONS,
             fill=functools.partial(_fill, tcfg, messages), batch_size=batch_size,
             bulk_concurrency=1)
-        after = ceiling(n)
-        r = row(n, cf.window_docs_per_s or float("nan"), [before, after],
+        after = ceiling(n * depth)
+        r = row(n, cf.window_docs_per_s or float("nan"), [before, after], n * depth,
                 consumer_own_docs_per_s=cf.steady_docs_per_s, hwm_mib=cf.hwm_mib,
                 cpu_s=cf.cpu_s, docs=cf.docs)
-        log(f"scaling: {n} consumer(s) {r.consumer_docs_per_s:,.0f} docs/s, ceiling with {n} "
+        log(f"scaling: {n} consumer(s) {r.consumer_docs_per_s:,.0f} docs/s, ceiling with "
+            f"{n * depth} "
             f"in flight {before:,.0f}/{after:,.0f}, ratio {r.ratio:.2f}, "
             f"VmHWM {r.hwm_mib:.0f} MiB")
         rows.append(r)
@@ -143,7 +146,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     out = ["", f"Scaling (one host; N `logpipe consume` processes in one group on a "
-               f"{PARTITIONS}-partition topic, against the raw ceiling with N requests in flight):",
+               f"{PARTITIONS}-partition topic, against the raw ceiling with as many requests in "
+               "flight as they have batches in hand):",
            "", "| consumers | docs/s | ceiling docs/s | ratio | detail |",
            "|---|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in lines(rows)]

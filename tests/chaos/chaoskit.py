@@ -172,10 +172,11 @@ class PacedProducer(threading.Thread):
 _PHASE_FRAMES: tuple[tuple[str, str], ...] = (
     ("_commit", "commit (bulk done, commit in flight)"),
     ("_dead_letter", "dead-lettering"),
+    # With the pipeline full: every batch in hand has its request in flight (two, by default).
     ("_await_answer", "mid-bulk"),
     ("make_doc", "building documents"),
     # The pipeline: batch N's request is in flight (and, right after a batch was handled, its
-    # asynchronous commit too) while the next batch is fetched and built.
+    # asynchronous commit too) while the next batch is fetched and built, to be sent beside it.
     ("_build_ahead", "bulk N in flight, batch N+1 being built"),  # see BUILD_AHEAD
     ("_start", "between fetch and bulk"),
     ("_finish", "between bulk and commit"),
