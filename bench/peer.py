@@ -2,8 +2,9 @@
 rsyslog, rsyslog-kafka, rsyslog-elasticsearch) against ``logpipe consume`` on the same servers.
 
 Both sinks drain the same backlog topic (the same documents) on a fresh consumer group into a
-fresh index prefix with logpipe's own template, in batches of 500 with one bulk request in flight
-(bench/rsyslog.conf.template says how rsyslog is configured and why). The runs alternate, and
+fresh index prefix with logpipe's own template, in batches of 500, each with its defaults for this
+job: rsyslog one bulk request in flight (one worker thread), logpipe up to two (pipeline_depth 2,
+each batch sent once built); bench/rsyslog.conf.template says how rsyslog is configured and why. The runs alternate, and
 the order flips every round, so both see the same machine load on average.
 
 Speed is measured the same way for both, from Elasticsearch's side: the indexing counter
