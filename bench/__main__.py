@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["consumer_shared"] = consumer_bench(
                     pipe, cfg, messages, es_pgid, args, backlog_topic, rounds=args.shared_rounds)
                 results["consumer_shared"]["placement"] = dataclasses.asdict(shared)
-                placement.isolate(server_pgids.es, server_pgids.kafka)
+                placement.place(args.placement, server_pgids)
             if args.profile:
                 results["consumer"]["profile"] = {}
                 for kind in ("wall", "cpu"):
@@ -258,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             placement.share(server_pgids.all)
             results["security"] = dataclasses.asdict(
                 security_part(pipe, workdir, args, producer_msgs, security_docs))
-            if args.placement == "isolated":
-                placement.isolate(server_pgids.es, server_pgids.kafka)
+            placement.place(args.placement, server_pgids)
         lap("security")
 
         # -- a peer: rsyslog -------------------------------------------------------------------
@@ -429,14 +428,12 @@ def warm_and_place(cfg: Any, port: int, messages: list[tuple[bytes, bytes]],
     first = measure.warm_up(cfg, port, messages, **kw,
                             min_docs=100_000 if args.quick else 300_000)
     out: dict[str, Any] = {"shared": dataclasses.asdict(first)}
-    if args.placement == "isolated" and server_pgids.es:
-        placed = placement.isolate(server_pgids.es, server_pgids.kafka)
+    placed = placement.place(args.placement, server_pgids)
+    out["placement"] = dataclasses.asdict(placed)
+    if placed.name == "isolated":
         log(f"placement: {placed.describe()}")
-        out["placement"] = dataclasses.asdict(placed)
         out["placed"] = dataclasses.asdict(measure.warm_up(
             cfg, port, messages, **kw, min_docs=0, max_seconds=60.0, label="warm-up, placed"))
-    else:
-        out["placement"] = dataclasses.asdict(placement.share(server_pgids.all))
     return out
 
 

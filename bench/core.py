@@ -63,6 +63,21 @@ class BenchPipeline(Pipeline):  # type: ignore[misc]
         return env
 
 
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of a process group (a server's launcher and its JVM)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids
+
+
 @dataclass(frozen=True)
 class ServerGroups:
     """Process groups of the harness servers (each is started in a session of its own)."""

@@ -21,7 +21,15 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from bench.core import BenchPipeline, HwmSampler, Spawned, log, parse_events, terminate
+from bench.core import (
+    BenchPipeline,
+    HwmSampler,
+    Spawned,
+    group_pids,
+    log,
+    parse_events,
+    terminate,
+)
 from logpipe import admin
 from logpipe.config import Config
 from logpipe.generator import LogGenerator
@@ -46,17 +54,7 @@ def cpu_seconds(pid: int) -> float:
 
 def group_cpu_seconds(pgid: int) -> float:
     """CPU seconds of every live process in a process group (the ES launcher + its JVM)."""
-    total = 0.0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / _clock_ticks()
-    return total
+    return sum(cpu_seconds(pid) for pid in group_pids(pgid))
 
 
 def loadavg() -> str:

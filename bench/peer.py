@@ -4,8 +4,9 @@ rsyslog, rsyslog-kafka, rsyslog-elasticsearch) against ``logpipe consume`` on th
 Both sinks drain the same backlog topic (the same documents) on a fresh consumer group into a
 fresh index prefix with logpipe's own template, in batches of 500, each with its defaults for this
 job: rsyslog one bulk request in flight (one worker thread), logpipe up to two (pipeline_depth 2,
-each batch sent once built); bench/rsyslog.conf.template says how rsyslog is configured and why. The runs alternate, and
-the order flips every round, so both see the same machine load on average.
+each batch sent once built); bench/rsyslog.conf.template says how rsyslog is configured and why.
+The runs alternate, and the order flips every round, so both see the same machine load on
+average.
 
 Speed is measured the same way for both, from Elasticsearch's side: the indexing counter
 (``_stats/indexing`` index_total of the run's indices) sampled every 100 ms; the steady rate runs

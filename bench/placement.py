@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.core import ServerGroups, group_pids
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -58,20 +60,6 @@ def _allowed() -> set[int]:
     return cpus
 
 
-def _group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
-
-
 def pin_process(pid: int, cpus: tuple[int, ...]) -> None:
     """Every thread of ``pid`` to ``cpus`` (a thread that exits meanwhile is skipped)."""
     try:
@@ -86,8 +74,16 @@ def pin_process(pid: int, cpus: tuple[int, ...]) -> None:
 
 
 def pin_group(pgid: int, cpus: tuple[int, ...]) -> None:
-    for pid in _group_pids(pgid):
+    for pid in group_pids(pgid):
         pin_process(pid, cpus)
+
+
+def place(name: str, groups: ServerGroups) -> Placement:
+    """``isolated`` or ``shared`` (the bench's ``--placement``); without an Elasticsearch process
+    to give cores to, shared."""
+    if name == "isolated" and groups.es:
+        return isolate(groups.es, groups.kafka)
+    return share(groups.all)
 
 
 def isolate(es_pgids: list[int], other_pgids: list[int]) -> Placement:
