@@ -4,9 +4,10 @@ The pipeline is deployed with Elasticsearch on hosts of its own (inventories/), 
 runs everything on one small machine. Sharing its cores, the comparison "consumer against the
 raw ``_bulk`` ceiling" measures two different Elasticsearch nodes: during the ceiling it has every
 core, during a consumer run it gives some of them to the broker serving the fetches and to the
-consumer, neither of which the pre-serialized ceiling runs. On this 2-core machine that alone
-held the consumer near 0.65x (a busy loop taking 0.4 of a core beside the ceiling cost it ~20 %,
-measured 2026-11-30).
+consumer, neither of which the pre-serialized ceiling runs. On this 2-core machine the consumer
+stays near 0.65x that way whatever it does (0.64x on 2026-11-30 with the change that took it from
+0.75-0.85x to 0.91x against an Elasticsearch with a core of its own), and a busy loop taking 0.4
+of a core beside the ceiling alone cost it ~20 %.
 
 ``isolate`` gives Elasticsearch (every thread of its process group) the upper half of the cores
 and everything else (the broker, this process and the processes it starts afterwards: consumers,
