@@ -914,9 +914,13 @@ def consumer_config(cfg: Config, *, error_cb: Callable[[KafkaError], None] | Non
 
 
 def make_es_client(cfg: Config) -> Elasticsearch:
-    """The Elasticsearch client, parsing responses with orjson (bulk answers are large)."""
+    """The Elasticsearch client, parsing responses with orjson (bulk answers are large), with a
+    connection per request the consumer can have in flight: the transport keeps 10 per node, and
+    a request beyond that would open a connection and throw it away afterwards."""
+    ccfg = cfg.consumer
     return make_client(cfg.elasticsearch,
-                       serializers={"application/json": OrjsonSerializer()})
+                       serializers={"application/json": OrjsonSerializer()},
+                       connections_per_node=max(10, ccfg.bulk_concurrency * ccfg.pipeline_depth))
 
 
 def run(cfg: Config) -> int:

@@ -18,7 +18,7 @@ from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
 from elasticsearch import ApiError
 
 from logpipe.config import Config, ConsumerConfig, ElasticsearchConfig, KafkaConfig
-from logpipe.consumer import SinkConsumer, consumer_config
+from logpipe.consumer import SinkConsumer, consumer_config, make_es_client
 from logpipe.dlq import DeadLetter
 
 TOPIC = "web-logs-topic"
@@ -797,6 +797,16 @@ def test_the_next_batch_is_built_while_one_is_indexed_and_commits_are_asynchrono
     # Batches were committed without waiting for the broker; shutdown committed synchronously.
     assert kafka.async_commits >= 1
     assert kafka.committed_position(0) == 40
+
+
+def test_the_client_keeps_a_connection_for_every_request_in_flight() -> None:
+    # 8 parts per batch x 2 batches in hand = 16 requests at once; the transport's default of 10
+    # connections per node would open and discard the rest on every batch.
+    es = make_es_client(make_config(bulk_concurrency=8, pipeline_depth=2))
+    try:
+        assert es.transport.node_pool.all()[0].config.connections_per_node == 16
+    finally:
+        es.close()
 
 
 def test_a_batch_closes_at_max_batch_bytes() -> None:
