@@ -446,7 +446,7 @@ def consumer_bench(pipe: BenchPipeline, cfg: Any, messages: list[tuple[bytes, by
     the next body as soon as it is answered."""
     port = pipe.es_node.http_port
     bs, conc = args.batch_size, args.bulk_concurrency
-    inflight = conc * cfg.consumer.pipeline_depth
+    inflight = cfg.consumer.requests_in_flight
     ceilings: list[dict[str, Any]] = []
     consumers: list[dict[str, Any]] = []
 

@@ -113,6 +113,12 @@ class ConsumerConfig:
     # a request refused with 413 anyway is split and the cap lowered until the next start.
     max_bulk_bytes: int = 32 * 1024 * 1024
 
+    @property
+    def requests_in_flight(self) -> int:
+        """Bulk requests the consumer may have in flight at once: every part of every batch in
+        hand (each batch is sent as soon as it is built)."""
+        return self.bulk_concurrency * self.pipeline_depth
+
 
 @dataclass(frozen=True)
 class CheckConfig:

@@ -246,7 +246,7 @@ class SinkConsumer:
             self._dlq = DeadLetterQueue(kcfg, tick=self._watchdog.ping)
         self._sender = BulkSender(self._es, hosts=self.cfg.elasticsearch.hosts,
                                   concurrency=ccfg.bulk_concurrency,
-                                  in_flight=ccfg.bulk_concurrency * ccfg.pipeline_depth,
+                                  in_flight=ccfg.requests_in_flight,
                                   max_bulk_bytes=ccfg.max_bulk_bytes, metrics=self.metrics)
 
     def _close(self) -> None:
@@ -917,10 +917,9 @@ def make_es_client(cfg: Config) -> Elasticsearch:
     """The Elasticsearch client, parsing responses with orjson (bulk answers are large), with a
     connection per request the consumer can have in flight: the transport keeps 10 per node, and
     a request beyond that would open a connection and throw it away afterwards."""
-    ccfg = cfg.consumer
     return make_client(cfg.elasticsearch,
                        serializers={"application/json": OrjsonSerializer()},
-                       connections_per_node=max(10, ccfg.bulk_concurrency * ccfg.pipeline_depth))
+                       connections_per_node=max(10, cfg.consumer.requests_in_flight))
 
 
 def run(cfg: Config) -> int:
