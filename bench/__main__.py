@@ -169,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         backlog = len(messages)
         # Warm Elasticsearch up until its rate settles (JIT) before anything is timed, on every
         # core; then place the processes and let it settle there.
-        results["warmup"] = warm_and_place(cfg, es.http_port, messages, es_pgid, server_pgids,
-                                           args)
+        results["warmup"] = warm_and_place(cfg, es.http_port, messages, server_pgids, args)
         lap("backlog and warm-up")
         if args.sweep:
             results["sweep"] = sweep(pipe, cfg, messages, es_pgid, backlog_topic)
@@ -356,7 +355,6 @@ def peer_only(args: argparse.Namespace, workdir: Path, peer_docs: int, command: 
                 seed=5)
         warm_and_place(cfg, es.http_port,
                        measure.read_messages(kafka.bootstrap_servers, warm_topic),
-                       es._proc.pid if es._proc is not None else None,
                        core.server_pgids(kafka, es), args)
         if args.peer_kill_only:
             kills = [dataclasses.asdict(k) for k in peer.kill_test(
@@ -419,12 +417,11 @@ def write_security(figures: dict[str, Any], meta: dict[str, Any]) -> None:
 
 
 def warm_and_place(cfg: Any, port: int, messages: list[tuple[bytes, bytes]],
-                   es_pgid: int | None, server_pgids: core.ServerGroups,
-                   args: argparse.Namespace) -> dict[str, Any]:
+                   server_pgids: core.ServerGroups, args: argparse.Namespace) -> dict[str, Any]:
     """Warm Elasticsearch up on every core (its JIT compiles faster there), then, unless
     ``--placement shared``, give it cores of its own and wait until it settles again."""
     kw = {"batch_size": args.batch_size, "concurrency": args.bulk_concurrency,
-          "es_pgid": es_pgid}
+          "es_pgid": server_pgids.es[0] if server_pgids.es else None}
     first = measure.warm_up(cfg, port, messages, **kw,
                             min_docs=100_000 if args.quick else 300_000)
     out: dict[str, Any] = {"shared": dataclasses.asdict(first)}

@@ -27,6 +27,7 @@ from bench.core import (
     Spawned,
     group_pids,
     log,
+    new_name,
     parse_events,
     terminate,
 )
@@ -271,7 +272,7 @@ def warm_up(cfg: Config, port: int, messages: Sequence[tuple[bytes, bytes]], *, 
     began = time.monotonic()
     stable = False
     while time.monotonic() - began < max_seconds:
-        index = f"bench-warm-{len(rates)}-{time.monotonic_ns() % 10**8}"
+        index = new_name("bench-warm")
         ensure_index_template(cfg, index)
         bf = bulk_ceiling(port, build_bodies(messages, index, batch_size, concurrency), es_pgid)
         es_delete(port, f"{index}-*")
