@@ -252,7 +252,9 @@ check_es() {
   else
     check es-bind FAIL "publish_address '$http'; listening on '$listen'"
   fi
-  boot=$(vm sudo grep -rhoE 'bound or publishing to a non-loopback address, enforcing bootstrap checks' /var/log/elasticsearch/ | head -n1 || true)
+  # One string: ssh joins its arguments with spaces, so the pattern's quotes must reach the VM's
+  # shell (as separate arguments, grep searched for "bound" alone).
+  boot=$(vm "sudo grep -rhoE 'bound or publishing to a non-loopback address, enforcing bootstrap checks' /var/log/elasticsearch/ | head -n1" || true)
   fds=$(es "/_nodes/_local/stats/process?filter_path=nodes.*.process.max_file_descriptors" \
         | python3 -c 'import json,sys; print(*[n["process"]["max_file_descriptors"] for n in json.load(sys.stdin)["nodes"].values()])' 2>/dev/null || echo "?")
   if [ -n "$boot" ] && [ "$fds" = 65535 ]; then
