@@ -26,13 +26,17 @@ from harness.pipeline import Pipeline, Spawned, parse_events  # noqa: E402
 from harness.servers import (  # noqa: E402
     ADMIN_USER,
     PRODUCER_USER,
+    SCRAM,
     ElasticsearchNode,
     KafkaCluster,
+    java_home,
+    kafka_home,
 )
 from harness.servers import start_servers as servers  # noqa: E402
 
-__all__ = ["ADMIN_USER", "PRODUCER_USER", "BenchPipeline", "ElasticsearchNode", "KafkaCluster",
-           "Pipeline", "ServerGroups", "Spawned", "parse_events", "servers", "vm_status_kib"]
+__all__ = ["ADMIN_USER", "PRODUCER_USER", "SCRAM", "BenchPipeline", "ElasticsearchNode",
+           "KafkaCluster", "Pipeline", "ServerGroups", "Spawned", "java_home", "kafka_home",
+           "parse_events", "servers", "vm_status_kib"]
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

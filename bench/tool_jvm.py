@@ -6,10 +6,11 @@ means the options cost more than they save).
     python -m bench.tool_jvm --rounds 10
 
 Each call is a fresh JVM, as in the role, against a secure harness broker on loopback (SASL_SSL +
-SCRAM-SHA-512, the protocol of the role's CLIENT listener), with two of the role's calls: the SCRAM login check (BrokerApiVersionsCommand as a user) and an admin listing
-(TopicCommand --list as the admin principal). The two variants alternate within each round, so
-both see the same machine load. CPU is user + system time of the tool's process (its children's
-rusage), the figure that grows most on a slow host (a VM under software emulation).
+SCRAM-SHA-512, the protocol of the role's CLIENT listener), with two of the role's calls: the SCRAM
+login check (BrokerApiVersionsCommand as a user) and an admin listing (TopicCommand --list as the
+admin principal). The two variants alternate within each round, so both see the same machine load.
+CPU is user + system time of the tool's process (its children's rusage), the figure that grows most
+on a slow host (a VM under software emulation).
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.core import ADMIN_USER, KafkaCluster, log
-from harness.servers import SCRAM, java_home, kafka_home
+from bench.core import ADMIN_USER, SCRAM, KafkaCluster, java_home, kafka_home, log
 
 REPO = Path(__file__).resolve().parents[1]
 CEILING = 1.0
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"defaults": [], "role": options}
         runs: dict[tuple[str, str], list[tuple[float, float]]] = {
             (t, v): [] for t in tools for v in variants}
-        for tool, tail in tools.items():  # one warm-up call each: the page cache, not the JVM
+        for tail in tools.values():  # one warm-up call each: the page cache, not the JVM
             timed([java, "-cp", classpath, *tail])
         for r in range(args.rounds):
             for tool, tail in tools.items():
