@@ -15,7 +15,7 @@ help:
 	@echo "make test        lint + unit + integration (real Kafka/ES) + a Molecule scenario per role (what CI runs)"
 	@echo "make test-full   test + the end-to-end pipeline scenario (molecule/pipeline); make test-pipeline runs it alone"
 	@echo "make lab         bring up the multi-host lab and deploy site.yml; lab-status, lab-shell HOST=, lab-down"
-	@echo "make vagrant-smoke  site.yml on a real VM (local box, libvirt, emulation): checks, then destroy; ~2 h, not in CI"
+	@echo "make vagrant-smoke  site.yml on a real VM (local box, libvirt, emulation): checks, then destroy; ~1 h (quiet host), not in CI"
 	@echo "make bench       benchmarks against ceilings measured in the same run"
 	@echo "make chaos       chaos suite: kills, outages, rebalances, poison; checks lost=0 duplicated=0"
 	@echo "make role-docs   rewrite the roles' README tables and defaults comments from meta/argument_specs.yml"
